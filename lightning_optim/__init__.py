@@ -1,0 +1,15 @@
+"""lightning-optim: a training-stability toolkit for PyTorch Lightning.
+
+Optimizers (usable from ``configure_optimizers`` and from LightningCLI by ``class_path`` or short name):
+:class:`SPAM`, :class:`StableSPAM`, :class:`AdaptiveMomentumSGD`, :class:`AdaptiveMomentumAdamW`.
+Parameter groups for any optimizer: :func:`param_groups`. Callbacks live in ``lightning_optim.callbacks``,
+pure-torch statistics in ``lightning_optim.monitors``.
+"""
+
+from lightning_optim.adaptive_momentum import AdaptiveMomentumAdamW, AdaptiveMomentumSGD
+from lightning_optim.spam import SPAM
+from lightning_optim.stable_spam import StableSPAM
+
+__version__ = "0.1.0"
+
+__all__ = ["SPAM", "StableSPAM", "AdaptiveMomentumSGD", "AdaptiveMomentumAdamW", "__version__"]

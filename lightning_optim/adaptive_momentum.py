@@ -1,0 +1,314 @@
+"""Adaptive Memory Momentum: AM-SGD and AM-AdamW (shared/specs/adaptive_momentum.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_optim._base import (
+    StepCountedOptimizer,
+    as_compute,
+    check_betas,
+    check_range,
+    check_state_bits,
+    write_back,
+)
+
+__all__ = ["AdaptiveMomentumSGD", "AdaptiveMomentumAdamW", "adaptive_beta", "effective_beta"]
+
+
+def adaptive_beta(sq_grad: Tensor, sq_diff: Tensor, memory_weight: float, beta_max: float) -> Tensor:
+    """β* = clip((1 + λ)·A/B − λ, 0, β_max) with A = ⟨g, g⟩_P and B = ⟨d − g, d − g⟩_P; β* = 0 when B = 0.
+
+    This is the minimiser over [0, β_max] of the proximal model of the spec (gradient plane, memory
+    plane, proximal term and a pull of weight λ towards the memory step). Sync-free: returns a tensor.
+    """
+    positive = sq_diff > 0
+    raw = (1 + memory_weight) * sq_grad / torch.where(positive, sq_diff, torch.ones_like(sq_diff)) - memory_weight
+    return torch.where(positive, raw.clamp(0.0, beta_max), torch.zeros_like(raw))
+
+
+def effective_beta(beta: Tensor, memory_weight: float) -> Tensor:
+    """β_eff = (β* + λ)/(1 + λ): the EMA coefficient of the memory, d ← β_eff·d + (1 − β_eff)·g."""
+    return (beta + memory_weight) / (1 + memory_weight)
+
+
+def _weighted_sq_sum(xs: list[Tensor], weights: list[Tensor] | None) -> Tensor:
+    """Σ_i Σ x_i²/w_i over a list of same-device tensors as one 0-dim tensor (Σ x² when weights is None)."""
+    if weights is None:
+        return torch.stack(torch._foreach_norm(xs)).square().sum()
+    sq = torch._foreach_mul(xs, xs)
+    torch._foreach_div_(sq, weights)
+    return torch.stack(torch._foreach_norm(sq, 1)).sum()  # entries are >= 0, so the L1 norm is the sum
+
+
+class _AdaptiveMomentumBase(StepCountedOptimizer):
+    """One β for the whole optimizer: λ and β_max must agree across param groups."""
+
+    _shared = ("memory_weight",)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_range("lr", group["lr"], 0.0)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_range("memory_weight", group["memory_weight"], 0.0)
+        check_state_bits(group["state_bits"])
+        first = self.param_groups[0]
+        for key in self._shared:
+            if group[key] != first[key]:
+                raise ValueError(
+                    f"Invalid {key}: {group[key]!r} in a param group differs from {first[key]!r}; "
+                    f"{type(self).__name__} computes one β for all groups, so {key} must be equal in every group."
+                )
+
+    def _collect(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
+        groups = []
+        for group in self.param_groups:
+            params = self._params_with_grad(group, type(self).__name__)
+            if any(type(p).__name__ == "DTensor" for p in params):
+                raise NotImplementedError(
+                    f"{type(self).__name__} does not support sharded (DTensor/FSDP2) parameters yet: the "
+                    "model-wide β needs an all-reduce of the local sums. Use DDP or a non-sharded strategy."
+                )
+            if params:
+                groups.append((group, params))
+        return groups
+
+    @property
+    def last_beta(self) -> Tensor | None:
+        """β* of the last step as a 0-dim device tensor (for logging; not saved in the state dict)."""
+        return getattr(self, "_last_beta", None)
+
+    def _beta(self, sq_grads: list[Tensor], sq_diffs: list[Tensor], group: dict[str, Any], beta_max: float) -> Tensor:
+        device = sq_grads[0].device
+        a = torch.stack([x.to(device) for x in sq_grads]).sum()
+        b = torch.stack([x.to(device) for x in sq_diffs]).sum()
+        beta = adaptive_beta(a, b, group["memory_weight"], beta_max)
+        self._last_beta = beta
+        return effective_beta(beta, group["memory_weight"])
+
+
+class AdaptiveMomentumSGD(_AdaptiveMomentumBase):
+    r"""SGD with Adaptive Memory Momentum (AM-SGD).
+
+    Topollai & Choromanska, "Adaptive Memory Momentum via a Model-Based Framework for Deep Learning
+    Optimization" (arXiv 2510.04988); the closed form is our definition (shared/specs/adaptive_momentum.md).
+    With g the gradient and d the momentum (memory), summed over all parameters of the optimizer:
+
+    .. math::
+        A = \|g\|^2,\ B = \|d - g\|^2,\ \beta^* = \operatorname{clip}_{[0, \beta_{max}]}((1+\lambda) A/B - \lambda)
+            \ (0 \text{ if } B = 0) \\
+        \beta_{eff} = (\beta^* + \lambda)/(1 + \lambda),\ d \leftarrow \beta_{eff} d + (1 - \beta_{eff}) g,\
+            x \leftarrow x (1 - \eta\,wd) - \eta d
+
+    d starts as the first gradient, so the first step is plain SGD. With λ = 0 and a constant β* this is
+    EMA momentum (``torch.optim.SGD(momentum=β, dampening=β)``).
+
+    Args:
+        params: parameters or param groups; lr and weight_decay may differ per group, memory_weight and
+            beta_max must be equal in all groups (one β is computed for the whole model).
+        lr: η (default 1e-2). memory_weight: λ >= 0 (default 0.1). beta_max: upper clip of β*, in [0, 1)
+        (default 0.9). weight_decay: decoupled decay (default 0). state_bits: 32 (8-bit state is not
+        implemented yet). foreach: multi-tensor path (default: on for CUDA params).
+
+    The β* of the last step is exposed as ``last_beta`` (a device tensor; reading it syncs). Sharded
+    (DTensor) parameters are not supported yet. State per parameter: ``momentum_buffer`` (d).
+    """
+
+    _shared = ("memory_weight", "beta_max")
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-2,
+        memory_weight: float = 0.1,
+        beta_max: float = 0.9,
+        weight_decay: float = 0.0,
+        *,
+        state_bits: Literal[32, 8] = 32,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            memory_weight=memory_weight,
+            beta_max=beta_max,
+            weight_decay=weight_decay,
+            state_bits=state_bits,
+            foreach=foreach,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_range("beta_max", group["beta_max"], 0.0, 1.0, high_open=True)
+        super()._validate_group(group)
+
+    def _step(self, step: int) -> None:
+        groups = self._collect()
+        if not groups:
+            return
+        parts = []  # (group, params, grads, buffers) in compute precision
+        for group, params in groups:
+            grads = as_compute([p.grad for p in params])
+            buffers = []
+            for p, g in zip(params, grads):
+                state = self.state[p]
+                if "momentum_buffer" not in state:  # d <- g: β* = 0 and d_new = g on the first step
+                    state["momentum_buffer"] = g.detach().clone(memory_format=torch.preserve_format)
+                buffers.append(state["momentum_buffer"])
+            parts.append((group, params, grads, buffers))
+
+        sq_grads, sq_diffs = [], []
+        for group, params, grads, buffers in parts:
+            if self._use_foreach(group, params):
+                for (g, d), _ in self._group_tensors_by_device_and_dtype([grads, buffers]).values():
+                    sq_grads.append(_weighted_sq_sum(g, None))
+                    sq_diffs.append(_weighted_sq_sum(torch._foreach_sub(d, g), None))
+            else:
+                sq_grads += [g.square().sum() for g in grads]
+                sq_diffs += [(d - g).square().sum() for g, d in zip(grads, buffers)]
+        beta_eff = self._beta(sq_grads, sq_diffs, groups[0][0], groups[0][0]["beta_max"])
+
+        for group, params, grads, buffers in parts:
+            lr, wd = group["lr"], group["weight_decay"]
+            if self._use_foreach(group, params):
+                lists = [params, grads, buffers]
+                for (p, g, d), _ in self._group_tensors_by_device_and_dtype(lists).values():
+                    p32 = as_compute(p)
+                    torch._foreach_lerp_(d, g, (1 - beta_eff).to(d[0].device))
+                    if wd != 0:
+                        torch._foreach_mul_(p32, 1 - lr * wd)
+                    torch._foreach_add_(p32, d, alpha=-lr)
+                    write_back(p, p32)
+            else:
+                for p, g, d in zip(params, grads, buffers):
+                    (p32,) = as_compute([p])
+                    d.lerp_(g, (1 - beta_eff).to(d.device))
+                    if wd != 0:
+                        p32.mul_(1 - lr * wd)
+                    p32.add_(d, alpha=-lr)
+                    write_back([p], [p32])
+
+
+class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
+    r"""AdamW with Adaptive Memory Momentum (AM-AdamW): the AM rule in Adam's diagonal metric.
+
+    Topollai & Choromanska (arXiv 2510.04988); closed form as defined in shared/specs/adaptive_momentum.md.
+    Per step, with v the second moment of this step and D = √v̂ + ε the Adam denominator (P = 1/D):
+
+    .. math::
+        v \leftarrow \beta_2 v + (1-\beta_2) g^2,\ D = \sqrt{v / (1 - \beta_2^t)} + \epsilon \\
+        A = \textstyle\sum g^2/D,\ B = \sum (d-g)^2/D,\
+            \beta^* = \operatorname{clip}_{[0, \beta_1]}((1+\lambda)A/B - \lambda) \\
+        d \leftarrow \beta_{eff} d + (1-\beta_{eff}) g,\ \beta_{eff} = (\beta^*+\lambda)/(1+\lambda),\
+            x \leftarrow x(1 - \eta\,wd) - \eta\, d / D
+
+    d starts at 0 (the first step then uses β* = β_max) and is not bias-corrected: its coefficient
+    changes every step.
+
+    Args:
+        params: parameters or param groups; lr, weight_decay, betas[1] and eps may differ per group,
+            memory_weight and betas[0] must be equal in all groups.
+        lr: η (default 1e-3). betas: (β_max, β2) (default (0.9, 0.999)); betas[0] is the upper clip of
+        β*, named ``betas`` so Lightning's momentum tools and LearningRateMonitor find it. eps: ε added
+        to √v̂ (default 1e-8). weight_decay: decoupled decay (default 1e-2). memory_weight: λ (default
+        0.1). state_bits: 32 (8-bit state is not implemented yet). foreach: multi-tensor path.
+
+    The third-party implementation this follows used betas (0.89, 0.999); we keep 0.9 = β_max. The β*
+    of the last step is exposed as ``last_beta``. State per parameter: ``exp_avg`` (d), ``exp_avg_sq``
+    (v), ``step`` (torch Adam's names, so state adapters treat it like Adam).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        memory_weight: float = 0.1,
+        *,
+        state_bits: Literal[32, 8] = 32,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            memory_weight=memory_weight,
+            state_bits=state_bits,
+            foreach=foreach,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_betas(group["betas"], ("beta_max", "beta2"))
+        check_range("eps", group["eps"], 0.0)
+        super()._validate_group(group)
+        beta_max = self.param_groups[0]["betas"][0]
+        if group["betas"][0] != beta_max:
+            raise ValueError(
+                f"Invalid betas: betas[0] = {group['betas'][0]!r} in a param group differs from {beta_max!r}; "
+                "AdaptiveMomentumAdamW computes one β for all groups, so betas[0] (β_max) must be equal in every group."
+            )
+
+    def _step(self, step: int) -> None:
+        groups = self._collect()
+        if not groups:
+            return
+        parts = []  # (group, params, grads, exp_avgs, denoms, foreach)
+        sq_grads, sq_diffs = [], []
+        for group, params in groups:
+            _, beta2 = group["betas"]
+            eps = group["eps"]
+            states = [self._init_state(p, ("exp_avg", "exp_avg_sq")) for p in params]
+            grads = as_compute([p.grad for p in params])
+            exp_avgs = [s["exp_avg"] for s in states]
+            exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+            steps = [s["step"] for s in states]
+            foreach = self._use_foreach(group, params)
+            if foreach:
+                torch._foreach_add_(steps, 1.0)
+                counts = [t.item() for t in steps]  # CPU tensors: no device sync
+                torch._foreach_mul_(exp_avg_sqs, beta2)
+                torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+                denoms = torch._foreach_sqrt(exp_avg_sqs)
+                torch._foreach_div_(denoms, [(1 - beta2**t) ** 0.5 for t in counts])
+                torch._foreach_add_(denoms, eps)
+                for (g, d, w), _ in self._group_tensors_by_device_and_dtype([grads, exp_avgs, denoms]).values():
+                    sq_grads.append(_weighted_sq_sum(g, w))
+                    sq_diffs.append(_weighted_sq_sum(torch._foreach_sub(d, g), w))
+            else:
+                denoms = []
+                for g, d, v, t in zip(grads, exp_avgs, exp_avg_sqs, steps):
+                    t += 1
+                    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                    w = (v.sqrt() / (1 - beta2 ** t.item()) ** 0.5).add_(eps)
+                    denoms.append(w)
+                    sq_grads.append((g.square() / w).sum())
+                    sq_diffs.append(((d - g).square() / w).sum())
+            parts.append((group, params, grads, exp_avgs, denoms, foreach))
+        first = groups[0][0]
+        beta_eff = self._beta(sq_grads, sq_diffs, first, first["betas"][0])
+
+        for group, params, grads, exp_avgs, denoms, foreach in parts:
+            lr, wd = group["lr"], group["weight_decay"]
+            if foreach:
+                lists = [params, grads, exp_avgs, denoms]
+                for (p, g, d, w), _ in self._group_tensors_by_device_and_dtype(lists).values():
+                    p32 = as_compute(p)
+                    torch._foreach_lerp_(d, g, (1 - beta_eff).to(d[0].device))
+                    if wd != 0:
+                        torch._foreach_mul_(p32, 1 - lr * wd)
+                    torch._foreach_addcdiv_(p32, d, w, value=-lr)
+                    write_back(p, p32)
+            else:
+                for p, g, d, w in zip(params, grads, exp_avgs, denoms):
+                    (p32,) = as_compute([p])
+                    d.lerp_(g, (1 - beta_eff).to(d.device))
+                    if wd != 0:
+                        p32.mul_(1 - lr * wd)
+                    p32.addcdiv_(d, w, value=-lr)
+                    write_back([p], [p32])

@@ -1,0 +1,212 @@
+"""SPAM: Spike-Aware Adam with Momentum Reset (shared/specs/spam.md)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_optim._base import (
+    StepCountedOptimizer,
+    adam_update_foreach,
+    adam_update_single,
+    as_compute,
+    check_betas,
+    check_int,
+    check_range,
+    check_state_bits,
+    write_back,
+)
+
+__all__ = ["SPAM", "spam_warmup_factor", "spam_schedule", "spike_clip_"]
+
+
+def spam_warmup_factor(k: int, warmup_steps: int) -> float:
+    """Cosine warm-up factor after a reset: s = 1 - 0.99 (1 + cos(pi k / (N + 1))) / 2 for k < N, else 1."""
+    if k >= warmup_steps:
+        return 1.0
+    return 1.0 - 0.99 * (1.0 + math.cos(math.pi * k / (warmup_steps + 1))) / 2.0
+
+
+def spam_schedule(step: int, reset_interval: int, warmup_steps: int) -> tuple[int, bool, float]:
+    """For the 1-based global step T: (k steps since the last reset, is T a reset step, warm-up factor s)."""
+    if reset_interval > 0:
+        k = step % reset_interval
+        reset_happened = step >= reset_interval
+    else:
+        k, reset_happened = step, False
+    is_reset = reset_interval > 0 and k == 0
+    scale = spam_warmup_factor(k, warmup_steps) if reset_happened else 1.0
+    return k, is_reset, scale
+
+
+def spike_clip_(grads: list[Tensor], exp_avg_sqs: list[Tensor], threshold: float) -> None:
+    """SPAM's element-wise spike clip, in place and sync-free: where g^2 > threshold * v, g <- sign(g) sqrt(threshold * v).
+
+    Written as a clamp of g to [-sqrt(threshold v), sqrt(threshold v)], which selects the same entries
+    and gives the same values as the masked form with two multi-tensor ops and no boolean indexing.
+    """
+    bound = torch._foreach_mul(exp_avg_sqs, threshold)
+    torch._foreach_sqrt_(bound)
+    torch._foreach_minimum_(grads, bound)
+    torch._foreach_neg_(bound)
+    torch._foreach_maximum_(grads, bound)
+
+
+class SPAM(StepCountedOptimizer):
+    r"""SPAM: Adam with spike-aware clipping and periodic momentum reset.
+
+    Huang et al., "SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training", ICLR 2025
+    (arXiv 2501.06842). For the global step T (1-based), k = T mod ΔT steps since the last reset and
+    s the cosine warm-up factor (s = 1 − 0.99·(1 + cos(πk/(N+1)))/2 for k < N after a reset, else 1):
+
+    .. math::
+        \text{reset step } (k = 0):\ m, v \leftarrow 0 \quad(t \text{ keeps counting}) \\
+        g \leftarrow \operatorname{sign}(g)\sqrt{\vartheta v} \text{ where } g^2 > \vartheta v
+            \quad(\text{if } k \ge D) \\
+        m \leftarrow \beta_1 m + (1-\beta_1) g,\quad v \leftarrow \beta_2 v + (1-\beta_2) g^2 \\
+        \theta \leftarrow \theta (1 - \eta s \lambda) - \eta s\, \hat m / (\sqrt{\hat v} + \epsilon)
+
+    Args:
+        params: parameters or param groups (every argument below may be overridden per group).
+        lr: learning rate η (default 1e-3). betas: (β1, β2) (default (0.9, 0.999)). eps: ε added to
+        √v̂ as in torch Adam (default 1e-6). weight_decay: decoupled decay λ applied before the update
+        and scaled by s (default 0). threshold: spike threshold ϑ (default 5000; ``math.inf`` disables
+        clipping). reset_interval: ΔT steps between moment resets (default 500; 0 never resets).
+        warmup_steps: N cosine warm-up steps after each reset (default 150). clip_delay: D steps after
+        a reset before clipping starts (default 20; must be >= 2 when clipping is on). state_bits: 32
+        (8-bit state is not implemented yet). foreach: multi-tensor path (default: on for CUDA params).
+
+    Deviations from the authors' code (see shared/specs/spam.md): ε is added to √v̂ (torch's form, so
+    SPAM reduces exactly to AdamW + callbacks), the reset interval is an argument, clipping is disabled
+    with ``threshold=inf`` instead of 0, weight decay comes before the update and is warmed up with it,
+    T lives in ``param_groups[*]["global_step"]`` so resumes are exact, no sparse momentum, no host syncs.
+    Clipped gradients are written back into ``p.grad``. State per parameter: ``exp_avg``,
+    ``exp_avg_sq`` (fp32 for bf16/fp16 parameters) and ``step`` (CPU float32), as torch Adam.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        threshold: float = 5000.0,
+        reset_interval: int = 500,
+        warmup_steps: int = 150,
+        clip_delay: int = 20,
+        *,
+        state_bits: Literal[32, 8] = 32,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            threshold=threshold,
+            reset_interval=reset_interval,
+            warmup_steps=warmup_steps,
+            clip_delay=clip_delay,
+            state_bits=state_bits,
+            foreach=foreach,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_range("lr", group["lr"], 0.0)
+        check_betas(group["betas"])
+        check_range("eps", group["eps"], 0.0)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_range("threshold", group["threshold"], 0.0, math.inf, low_open=True)
+        check_int("reset_interval", group["reset_interval"], 0)
+        check_int("warmup_steps", group["warmup_steps"], 0)
+        if math.isfinite(group["threshold"]):
+            check_int("clip_delay", group["clip_delay"], 2)
+        else:
+            check_int("clip_delay", group["clip_delay"], 0)
+        check_state_bits(group["state_bits"])
+
+    def _step(self, step: int) -> None:
+        for group in self.param_groups:
+            params = self._params_with_grad(group, "SPAM")
+            if not params:
+                continue
+            k, is_reset, scale = spam_schedule(step, group["reset_interval"], group["warmup_steps"])
+            states = [self._init_state(p, ("exp_avg", "exp_avg_sq")) for p in params]
+            beta1, beta2 = group["betas"]
+            kwargs = dict(
+                lr=group["lr"] * scale,
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                threshold=group["threshold"] if k >= group["clip_delay"] else math.inf,
+                reset=is_reset,
+            )
+            fn = _spam_foreach if self._use_foreach(group, params) else _spam_single_tensor
+            fn(
+                params,
+                [p.grad for p in params],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states],
+                **kwargs,
+            )
+
+
+def _spam_single_tensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    threshold: float,
+    reset: bool,
+    **adam: float,
+) -> None:
+    """Reference path: the spec's equations one parameter at a time (masked clip with ``torch.where``)."""
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        if reset:
+            exp_avg.zero_()
+            exp_avg_sq.zero_()
+        step_t += 1
+        p32, g32 = as_compute([param, grad])
+        if math.isfinite(threshold):
+            limit = exp_avg_sq * threshold
+            g32 = torch.where(g32 * g32 > limit, g32.sign() * limit.sqrt(), g32)
+            grad.copy_(g32)
+        adam_update_single(p32, g32, exp_avg, exp_avg_sq, step_t.item(), **adam)  # CPU step: no sync
+        write_back([param], [p32])
+
+
+def _spam_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    threshold: float,
+    reset: bool,
+    **adam: float,
+) -> None:
+    """Multi-tensor path, grouped by device and dtype; same operation order as torch's foreach AdamW."""
+    grouped = StepCountedOptimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, steps])
+    for (dev_params, dev_grads, dev_exp_avgs, dev_exp_avg_sqs, dev_steps), _ in grouped.values():
+        if reset:
+            torch._foreach_zero_(dev_exp_avgs)
+            torch._foreach_zero_(dev_exp_avg_sqs)
+        torch._foreach_add_(dev_steps, 1.0)
+        p32, g32 = as_compute(dev_params), as_compute(dev_grads)
+        if math.isfinite(threshold):
+            spike_clip_(g32, dev_exp_avg_sqs, threshold)
+            write_back(dev_grads, g32)
+        counts = [t.item() for t in dev_steps]  # CPU tensors: no device sync
+        adam_update_foreach(p32, g32, dev_exp_avgs, dev_exp_avg_sqs, counts, **adam)
+        write_back(dev_params, p32)

@@ -1,0 +1,264 @@
+"""Stable-SPAM: adaptive spike clipping, gradient-norm scaling and momentum reset (shared/specs/stable_spam.md)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_optim._base import (
+    StepCountedOptimizer,
+    adam_update_foreach,
+    adam_update_single,
+    as_compute,
+    check_betas,
+    check_int,
+    check_range,
+    check_state_bits,
+    write_back,
+)
+
+__all__ = ["StableSPAM", "stable_spam_schedule"]
+
+_STATS = ("m_max", "m_norm", "v_norm")
+
+
+def stable_spam_schedule(step: int, total_steps: int | None, eta_min: float) -> float:
+    """Cosine factor s(T) = eta_min + (1 - eta_min)(1 + cos(pi min(T, N+1) / (N+1))) / 2; 1 when N is None."""
+    if total_steps is None:
+        return 1.0
+    span = total_steps + 1
+    return eta_min + (1.0 - eta_min) * (1.0 + math.cos(math.pi * min(step, span) / span)) / 2.0
+
+
+class StableSPAM(StepCountedOptimizer):
+    r"""Stable-SPAM: Adam with adaptive max-based clipping, norm scaling, β1 annealing and resets.
+
+    Huang et al., "Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam" (arXiv 2502.17055).
+    Per parameter tensor, with u its count of statistic updates, s the cosine factor of the global step
+    (β1' = β1·s, γ1' = γ1·s) and k its Adam step since the last reset:
+
+    .. math::
+        M = \max|g|,\ m_{max} \leftarrow \gamma_3 m_{max} + (1-\gamma_3) M,\
+            \hat m_{max} = m_{max} / (1 - \gamma_3^u) \\
+        g \leftarrow g\, \hat m_{max} / M \text{ where } |g| > \hat m_{max} \\
+        n = \|g\|,\ m_n \leftarrow \gamma_1' m_n + (1-\gamma_1') n,\ v_n \leftarrow \gamma_2 v_n + (1-\gamma_2) n^2,\
+            \hat g = g\, c / n,\ c = \hat m_n / (\sqrt{\hat v_n} + \epsilon) \\
+        \text{Adam}(\hat g;\ \beta_1', \beta_2, k) \text{ with } m, v \leftarrow 0,\ k \leftarrow 0
+            \text{ first at a reset step (every ΔT global steps)}
+
+    Decoupled weight decay θ ← θ(1 − η·wd) comes first.
+
+    Args:
+        params: parameters or param groups (every argument below may be overridden per group).
+        lr: η (default 1e-3). betas: (β1, β2) (default (0.9, 0.999)). eps: ε (default 1e-8).
+        weight_decay: decoupled decay (default 0). gamma1: EMA of the gradient norm (default 0.7).
+        gamma2: EMA of the squared norm (default 0.9). gamma3: EMA of max|g| (default 0.999).
+        total_steps: length of the cosine β1/γ1 schedule (default None: no schedule). eta_min: its floor
+        (default 0.5). reset_interval: ΔT steps between moment resets (default 1000; 0 never resets).
+        state_bits: 32 (8-bit state is not implemented yet). foreach: multi-tensor path (default: on
+        for CUDA params).
+
+    The authors recommend lr 4e-4, γ1 0.7, γ2 0.9, γ3 0.999, reset 500 for 4-bit training and lr 8e-4,
+    γ1 0.85, γ2 0.99999, reset 1000 for BF16, with total_steps = the number of training steps.
+
+    Deviations from the authors' code (shared/specs/stable_spam.md): a reset step updates and uses the
+    fresh zero moments; the statistics are bias-corrected with u, which a reset never touches; the
+    cosine schedule holds at eta_min after total_steps instead of cycling; T is saved in
+    ``param_groups[*]["global_step"]``; arguments renamed (update_proj_gap → reset_interval, total_T →
+    total_steps, theta → gamma3); no amsgrad; no host syncs. ``p.grad`` of fp32 parameters is
+    overwritten with the clipped, normalised gradient. State per parameter: ``exp_avg``,
+    ``exp_avg_sq``, ``step`` (k), ``stat_step`` (u), ``m_max``, ``m_norm``, ``v_norm``.
+    """
+
+    _counter_keys = ("step", "stat_step")
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        gamma1: float = 0.7,
+        gamma2: float = 0.9,
+        gamma3: float = 0.999,
+        total_steps: int | None = None,
+        eta_min: float = 0.5,
+        reset_interval: int = 1000,
+        *,
+        state_bits: Literal[32, 8] = 32,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            gamma1=gamma1,
+            gamma2=gamma2,
+            gamma3=gamma3,
+            total_steps=total_steps,
+            eta_min=eta_min,
+            reset_interval=reset_interval,
+            state_bits=state_bits,
+            foreach=foreach,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_range("lr", group["lr"], 0.0)
+        check_betas(group["betas"])
+        check_range("eps", group["eps"], 0.0)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        for name in ("gamma1", "gamma2", "gamma3"):
+            check_range(name, group[name], 0.0, 1.0, high_open=True)
+        if group["total_steps"] is not None:
+            check_int("total_steps", group["total_steps"], 1)
+        check_range("eta_min", group["eta_min"], 0.0, 1.0, low_open=True)
+        check_int("reset_interval", group["reset_interval"], 0)
+        check_state_bits(group["state_bits"])
+
+    def _init_stable_state(self, p: Tensor) -> dict[str, Any]:
+        state = self._init_state(p, ("exp_avg", "exp_avg_sq"), counters=self._counter_keys)
+        if "m_max" not in state:
+            for key in _STATS:
+                state[key] = torch.zeros((), dtype=state["exp_avg"].dtype, device=p.device)
+        return state
+
+    def _step(self, step: int) -> None:
+        for group in self.param_groups:
+            params = self._params_with_grad(group, "StableSPAM")
+            if not params:
+                continue
+            scale = stable_spam_schedule(step, group["total_steps"], group["eta_min"])
+            interval = group["reset_interval"]
+            states = [self._init_stable_state(p) for p in params]
+            beta1, beta2 = group["betas"]
+            fn = _stable_spam_foreach if self._use_foreach(group, params) else _stable_spam_single_tensor
+            fn(
+                params,
+                [p.grad for p in params],
+                *([s[key] for s in states] for key in ("exp_avg", "exp_avg_sq", "step", "stat_step", *_STATS)),
+                gamma1=group["gamma1"] * scale,
+                gamma2=group["gamma2"],
+                gamma3=group["gamma3"],
+                reset=interval > 0 and step % interval == 0,
+                lr=group["lr"],
+                beta1=beta1 * scale,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+            )
+
+
+def _stable_spam_single_tensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    stat_steps: list[Tensor],
+    m_maxs: list[Tensor],
+    m_norms: list[Tensor],
+    v_norms: list[Tensor],
+    *,
+    gamma1: float,
+    gamma2: float,
+    gamma3: float,
+    reset: bool,
+    **adam: float,
+) -> None:
+    """Reference path: the spec's equations one parameter at a time."""
+    eps = adam["eps"]
+    for i, param in enumerate(params):
+        p32, g = as_compute([param, grads[i]])
+        stat_steps[i] += 1
+        u = stat_steps[i].item()  # CPU tensor: no device sync
+        # 1. adaptive clip against the bias-corrected running max
+        peak = g.abs().amax()
+        m_maxs[i].lerp_(peak, 1 - gamma3)
+        m_max_hat = m_maxs[i] / (1 - gamma3**u)
+        ratio = m_max_hat / peak.clamp_min(torch.finfo(peak.dtype).tiny)
+        g.copy_(torch.where(g.abs() > m_max_hat, g * ratio, g))
+        # 2. rescale the tensor to the running norm ratio
+        norm = torch.linalg.vector_norm(g)
+        m_norms[i].lerp_(norm, 1 - gamma1)
+        v_norms[i].mul_(gamma2).addcmul_(norm, norm, value=1 - gamma2)
+        c = (m_norms[i] / (1 - gamma1**u)) / ((v_norms[i] / (1 - gamma2**u)).sqrt() + eps)
+        positive = norm > 0
+        g.mul_(torch.where(positive, c / torch.where(positive, norm, 1.0), 1.0))
+        # 3. Adam on the fresh moments at a reset step
+        if reset:
+            exp_avgs[i].zero_()
+            exp_avg_sqs[i].zero_()
+            steps[i].zero_()
+        steps[i] += 1
+        adam_update_single(p32, g, exp_avgs[i], exp_avg_sqs[i], steps[i].item(), **adam)
+        write_back([param], [p32])
+
+
+def _stable_spam_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    stat_steps: list[Tensor],
+    m_maxs: list[Tensor],
+    m_norms: list[Tensor],
+    v_norms: list[Tensor],
+    *,
+    gamma1: float,
+    gamma2: float,
+    gamma3: float,
+    reset: bool,
+    **adam: float,
+) -> None:
+    """Multi-tensor path: per-tensor reductions with ``_foreach_norm``, per-tensor factors as 0-dim tensors."""
+    eps = adam["eps"]
+    lists = [params, grads, exp_avgs, exp_avg_sqs, steps, stat_steps, m_maxs, m_norms, v_norms]
+    for dev_lists, _ in StepCountedOptimizer._group_tensors_by_device_and_dtype(lists).values():
+        dev_params, dev_grads, dev_m, dev_v, dev_steps, dev_u, dev_m_max, dev_m_norm, dev_v_norm = dev_lists
+        p32, g32 = as_compute(dev_params), as_compute(dev_grads)
+        torch._foreach_add_(dev_u, 1.0)
+        us = [u.item() for u in dev_u]  # CPU tensors: no device sync
+        # 1. adaptive clip: entries above m_max_hat are scaled by m_max_hat / max|g|
+        peaks = torch._foreach_norm(g32, math.inf)
+        torch._foreach_lerp_(dev_m_max, peaks, 1 - gamma3)
+        m_max_hat = torch._foreach_div(dev_m_max, [1 - gamma3**u for u in us])
+        tiny = torch.finfo(g32[0].dtype).tiny
+        ratio_minus_one = torch._foreach_div(m_max_hat, torch._foreach_clamp_min(peaks, tiny))
+        torch._foreach_sub_(ratio_minus_one, 1.0)
+        factor = torch._foreach_abs(g32)
+        torch._foreach_sub_(factor, m_max_hat)
+        torch._foreach_sign_(factor)
+        torch._foreach_clamp_min_(factor, 0.0)  # 1 where |g| > m_max_hat, else 0
+        torch._foreach_mul_(factor, ratio_minus_one)
+        torch._foreach_add_(factor, 1.0)
+        torch._foreach_mul_(g32, factor)
+        del factor
+        # 2. rescale each tensor to its running norm ratio (vectorised over the tensors of this group)
+        norms = torch._foreach_norm(g32)
+        torch._foreach_lerp_(dev_m_norm, norms, 1 - gamma1)
+        torch._foreach_mul_(dev_v_norm, gamma2)
+        torch._foreach_addcmul_(dev_v_norm, norms, norms, 1 - gamma2)
+        m_hat = torch._foreach_div(dev_m_norm, [1 - gamma1**u for u in us])
+        denom = torch._foreach_div(dev_v_norm, [1 - gamma2**u for u in us])
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, eps)
+        c = torch.stack(torch._foreach_div(m_hat, denom))
+        n = torch.stack(norms)
+        positive = n > 0
+        torch._foreach_mul_(g32, torch.where(positive, c / torch.where(positive, n, 1.0), 1.0).unbind())
+        # 3. Adam on the fresh moments at a reset step
+        if reset:
+            torch._foreach_zero_(dev_m)
+            torch._foreach_zero_(dev_v)
+            torch._foreach_zero_(dev_steps)
+        torch._foreach_add_(dev_steps, 1.0)
+        adam_update_foreach(p32, g32, dev_m, dev_v, [t.item() for t in dev_steps], **adam)
+        write_back(dev_params, p32)
