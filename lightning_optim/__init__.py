@@ -7,9 +7,18 @@ pure-torch statistics in ``lightning_optim.monitors``.
 """
 
 from lightning_optim.adaptive_momentum import AdaptiveMomentumAdamW, AdaptiveMomentumSGD
+from lightning_optim.param_groups import ParamGroups, param_groups
 from lightning_optim.spam import SPAM
 from lightning_optim.stable_spam import StableSPAM
 
 __version__ = "0.1.0"
 
-__all__ = ["SPAM", "StableSPAM", "AdaptiveMomentumSGD", "AdaptiveMomentumAdamW", "__version__"]
+__all__ = [
+    "SPAM",
+    "StableSPAM",
+    "AdaptiveMomentumSGD",
+    "AdaptiveMomentumAdamW",
+    "ParamGroups",
+    "param_groups",
+    "__version__",
+]

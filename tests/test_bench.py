@@ -1,0 +1,56 @@
+"""Smoke test of bench/optimizer_step.py on a tiny CPU parameter set."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "optimizer_step.py"
+NAMES = ["adamw_foreach", "spam", "stable_spam", "am_adamw", "am_sgd"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    # Loaded from its path: bench/ is a folder of scripts, not a package on sys.path.
+    spec = importlib.util.spec_from_file_location("bench_optimizer_step", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_param_set_is_gpt2_small(bench) -> None:
+    shapes = bench.gpt2_shapes(1.0)
+    assert len(shapes) == 149
+    assert bench.count_params(shapes) == 163_109_376
+
+
+def test_optimizer_step_bench_cpu(bench, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    argv = ["--device", "cpu", "--scale", "0.05", "--iters", "2", "--warmup", "1", "--out", str(out),
+            "--only", ",".join(NAMES)]
+    returned = bench.main(argv)
+
+    data = json.loads(out.read_text())
+    assert data["results"] == returned["results"]
+    for key in ("device", "torch", "date", "params", "baseline", "results", "command"):
+        assert key in data
+    assert data["command"][1:] == argv
+    assert data["baseline"] == "adamw_foreach"
+    assert data["params"] > 0
+    rows = {r["name"]: r for r in data["results"]}
+    assert sorted(rows) == sorted(NAMES)
+    for row in rows.values():
+        assert row["median_ms"] > 0 and row["min_ms"] > 0
+        assert row["min_ms"] <= row["median_ms"]
+        assert row["ratio"] > 0 and row["state_mib"] > 0
+    assert rows["adamw_foreach"]["ratio"] == pytest.approx(1.0)
+    # SPAM keeps exactly AdamW's state (exp_avg, exp_avg_sq, CPU step): 8 bytes per fp32 parameter.
+    assert rows["spam"]["bytes_per_param"] == rows["adamw_foreach"]["bytes_per_param"]
+    assert rows["spam"]["bytes_per_param"] == pytest.approx(8.0, abs=1e-2)
+    assert rows["am_sgd"]["bytes_per_param"] == pytest.approx(4.0, abs=1e-2)

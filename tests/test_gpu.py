@@ -1,0 +1,100 @@
+"""GPU integration tests (marked ``gpu``; skipped without CUDA, CI never has one).
+
+- every optimizer's step is sync-free under ``torch.cuda.set_sync_debug_mode("error")``;
+- the GPT example (~20M parameters, bf16-mixed, 300 steps on stdlib text) trains with each optimizer;
+- the same with a Hugging Face ``LlamaForCausalLM`` built from a small config (random init, no download).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_optim import SPAM, AdaptiveMomentumAdamW, AdaptiveMomentumSGD, StableSPAM
+
+pytestmark = pytest.mark.gpu
+
+OPTIMIZERS = {
+    "spam": lambda p: SPAM(p, lr=1e-3, weight_decay=0.1, reset_interval=100, warmup_steps=20, clip_delay=5),
+    "stable_spam": lambda p: StableSPAM(p, lr=1e-3, total_steps=300, reset_interval=100),
+    "am_adamw": lambda p: AdaptiveMomentumAdamW(p, lr=1e-3),
+    "am_sgd": lambda p: AdaptiveMomentumSGD(p, lr=0.05),
+}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_is_sync_free(name: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=dtype)) for s in [(256, 128), (128,), (4096,)]]
+    opt = OPTIMIZERS[name](params)
+    for step in range(12):  # includes state creation, clipping and (for SPAM) a warm-up
+        for p in params:
+            p.grad = torch.randn_like(p) * (1e4 if step == 7 else 1.0)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+def _fit(model: "torch.nn.Module", datamodule, name: str, steps: int = 300) -> list[float]:
+    import lightning.pytorch as pl
+
+    losses: list[float] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            losses.append(float(outputs["loss"]))
+
+    model.configure_optimizers = lambda: OPTIMIZERS[name](model.parameters())
+    trainer = pl.Trainer(
+        accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=steps, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0, callbacks=[Record()],
+    )
+    trainer.fit(model, datamodule=datamodule)
+    return losses
+
+
+def _assert_learns(losses: list[float]) -> None:
+    assert all(math.isfinite(x) for x in losses)
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < 0.8 * first, (first, last)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_gpt_example_trains(name: str) -> None:
+    from lightning_optim.examples.gpt import GPT, StdlibTextDataModule
+
+    torch.manual_seed(0)
+    model = GPT(size="20m", seq_len=256)
+    _assert_learns(_fit(model, StdlibTextDataModule(seq_len=256, batch_size=16), name))
+
+
+@pytest.mark.parametrize("name", ["spam", "stable_spam", "am_adamw"])
+def test_hf_llama_trains(name: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    import lightning.pytorch as pl
+
+    from lightning_optim.examples.gpt import StdlibTextDataModule
+
+    class HFLlama(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            config = transformers.LlamaConfig(
+                vocab_size=256, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=256,
+            )
+            self.model = transformers.LlamaForCausalLM(config)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            logits = self.model(input_ids=x).logits
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    torch.manual_seed(0)
+    _assert_learns(_fit(HFLlama(), StdlibTextDataModule(seq_len=256, batch_size=16), name))
