@@ -150,6 +150,11 @@ class StepCountedOptimizer(Optimizer):
                 state[key] = torch.tensor(0.0, dtype=torch.float32)
             for key in keys:
                 state[key] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
+        for key in counters:
+            if state[key].device.type != "cpu":
+                # Lightning's _optimizer_to_device moves every key but "step" on resume; bring the counter
+                # back once (one sync) rather than reading it from the device every step.
+                state[key] = state[key].cpu()
         return state
 
     # -- state_dict ---------------------------------------------------------------------------------

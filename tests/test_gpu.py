@@ -42,6 +42,26 @@ def test_step_is_sync_free(name: str, dtype: torch.dtype) -> None:
     assert all(torch.isfinite(p).all() for p in params)
 
 
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_lightning_resume_move_keeps_steps_sync_free(name: str) -> None:
+    from lightning.fabric.utilities.optimizer import _optimizer_to_device
+
+    params = [torch.nn.Parameter(torch.randn(64, 32, device="cuda"))]
+    opt = OPTIMIZERS[name](params)
+    params[0].grad = torch.randn_like(params[0])
+    opt.step()
+    restored = OPTIMIZERS[name](params)
+    restored.load_state_dict(opt.state_dict())
+    _optimizer_to_device(restored, torch.device("cuda"))  # what Lightning does after loading a checkpoint
+    restored.step()  # counters moved back to the CPU once here
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        restored.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def _fit(model: "torch.nn.Module", datamodule, name: str, steps: int = 300) -> list[float]:
     import lightning.pytorch as pl
 
