@@ -45,6 +45,16 @@ def _weighted_sq_sum(xs: list[Tensor], weights: list[Tensor] | None) -> Tensor:
     return torch.stack(torch._foreach_norm(sq, 1)).sum()  # entries are >= 0, so the L1 norm is the sum
 
 
+def _pull_towards_gradient_(memories: list[Tensor], diffs: list[Tensor], weight: Tensor) -> None:
+    """d <- d - w (d - g) = (1 - w) d + w g, reusing the d - g the reduction computed.
+
+    ``weight`` stays a device tensor: ``_foreach_mul_`` has a Tensor overload, while ``_foreach_lerp_`` only
+    takes a Scalar weight, which would read the tensor on the host (a sync) every step.
+    """
+    torch._foreach_mul_(diffs, weight.to(diffs[0].device))
+    torch._foreach_sub_(memories, diffs)
+
+
 class _AdaptiveMomentumBase(StepCountedOptimizer):
     """One β for the whole optimizer: λ and β_max must agree across param groups."""
 
@@ -159,24 +169,27 @@ class AdaptiveMomentumSGD(_AdaptiveMomentumBase):
                 buffers.append(state["momentum_buffer"])
             parts.append((group, params, grads, buffers))
 
-        sq_grads, sq_diffs = [], []
+        sq_grads, sq_diffs, diffs = [], [], []
         for group, params, grads, buffers in parts:
             if self._use_foreach(group, params):
-                for (g, d), _ in self._group_tensors_by_device_and_dtype([grads, buffers]).values():
+                group_diffs = torch._foreach_sub(buffers, grads)
+                for (g, e), _ in self._group_tensors_by_device_and_dtype([grads, group_diffs]).values():
                     sq_grads.append(_weighted_sq_sum(g, None))
-                    sq_diffs.append(_weighted_sq_sum(torch._foreach_sub(d, g), None))
+                    sq_diffs.append(_weighted_sq_sum(e, None))
             else:
+                group_diffs = None
                 sq_grads += [g.square().sum() for g in grads]
                 sq_diffs += [(d - g).square().sum() for g, d in zip(grads, buffers)]
-        beta_eff = self._beta(sq_grads, sq_diffs, groups[0][0], groups[0][0]["beta_max"])
+            diffs.append(group_diffs)
+        weight = 1 - self._beta(sq_grads, sq_diffs, groups[0][0], groups[0][0]["beta_max"])
 
-        for group, params, grads, buffers in parts:
+        for (group, params, grads, buffers), group_diffs in zip(parts, diffs):
             lr, wd = group["lr"], group["weight_decay"]
-            if self._use_foreach(group, params):
-                lists = [params, grads, buffers]
-                for (p, g, d), _ in self._group_tensors_by_device_and_dtype(lists).values():
+            if group_diffs is not None:
+                lists = [params, buffers, group_diffs]
+                for (p, d, e), _ in self._group_tensors_by_device_and_dtype(lists).values():
                     p32 = as_compute(p)
-                    torch._foreach_lerp_(d, g, (1 - beta_eff).to(d[0].device))
+                    _pull_towards_gradient_(d, e, weight)
                     if wd != 0:
                         torch._foreach_mul_(p32, 1 - lr * wd)
                     torch._foreach_add_(p32, d, alpha=-lr)
@@ -184,7 +197,7 @@ class AdaptiveMomentumSGD(_AdaptiveMomentumBase):
             else:
                 for p, g, d in zip(params, grads, buffers):
                     (p32,) = as_compute([p])
-                    d.lerp_(g, (1 - beta_eff).to(d.device))
+                    d.lerp_(g, weight.to(d.device))
                     if wd != 0:
                         p32.mul_(1 - lr * wd)
                     p32.add_(d, alpha=-lr)
@@ -258,7 +271,7 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
         groups = self._collect()
         if not groups:
             return
-        parts = []  # (group, params, grads, exp_avgs, denoms, foreach)
+        parts = []  # (group, params, grads, exp_avgs, denoms, diffs or None for the reference path)
         sq_grads, sq_diffs = [], []
         for group, params in groups:
             _, beta2 = group["betas"]
@@ -277,11 +290,12 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
                 denoms = torch._foreach_sqrt(exp_avg_sqs)
                 torch._foreach_div_(denoms, [(1 - beta2**t) ** 0.5 for t in counts])
                 torch._foreach_add_(denoms, eps)
-                for (g, d, w), _ in self._group_tensors_by_device_and_dtype([grads, exp_avgs, denoms]).values():
+                diffs = torch._foreach_sub(exp_avgs, grads)
+                for (g, e, w), _ in self._group_tensors_by_device_and_dtype([grads, diffs, denoms]).values():
                     sq_grads.append(_weighted_sq_sum(g, w))
-                    sq_diffs.append(_weighted_sq_sum(torch._foreach_sub(d, g), w))
+                    sq_diffs.append(_weighted_sq_sum(e, w))
             else:
-                denoms = []
+                denoms, diffs = [], None
                 for g, d, v, t in zip(grads, exp_avgs, exp_avg_sqs, steps):
                     t += 1
                     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -289,17 +303,17 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
                     denoms.append(w)
                     sq_grads.append((g.square() / w).sum())
                     sq_diffs.append(((d - g).square() / w).sum())
-            parts.append((group, params, grads, exp_avgs, denoms, foreach))
+            parts.append((group, params, grads, exp_avgs, denoms, diffs))
         first = groups[0][0]
-        beta_eff = self._beta(sq_grads, sq_diffs, first, first["betas"][0])
+        weight = 1 - self._beta(sq_grads, sq_diffs, first, first["betas"][0])
 
-        for group, params, grads, exp_avgs, denoms, foreach in parts:
+        for group, params, grads, exp_avgs, denoms, diffs in parts:
             lr, wd = group["lr"], group["weight_decay"]
-            if foreach:
-                lists = [params, grads, exp_avgs, denoms]
-                for (p, g, d, w), _ in self._group_tensors_by_device_and_dtype(lists).values():
+            if diffs is not None:
+                lists = [params, exp_avgs, denoms, diffs]
+                for (p, d, w, e), _ in self._group_tensors_by_device_and_dtype(lists).values():
                     p32 = as_compute(p)
-                    torch._foreach_lerp_(d, g, (1 - beta_eff).to(d[0].device))
+                    _pull_towards_gradient_(d, e, weight)
                     if wd != 0:
                         torch._foreach_mul_(p32, 1 - lr * wd)
                     torch._foreach_addcdiv_(p32, d, w, value=-lr)
@@ -307,7 +321,7 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
             else:
                 for p, g, d, w in zip(params, grads, exp_avgs, denoms):
                     (p32,) = as_compute([p])
-                    d.lerp_(g, (1 - beta_eff).to(d.device))
+                    d.lerp_(g, weight.to(d.device))
                     if wd != 0:
                         p32.mul_(1 - lr * wd)
                     p32.addcdiv_(d, w, value=-lr)

@@ -1,46 +1,42 @@
-"""CPU proxy for "no host-device sync inside step()": every call that reads a tensor's value on the host
-(item, bool, float, tolist, nonzero, boolean indexing, .cpu()) may only touch the CPU step counters.
+"""CPU proxy for "no host-device sync inside step()".
 
-On a GPU the same property is checked with ``torch.cuda.set_sync_debug_mode("error")`` (tests/test_gpu.py).
+A TorchDispatchMode records every ATen op that reads tensor data on the host: ``_local_scalar_dense``
+(``.item()``, ``bool()``, ``float()``, and a 0-dim tensor silently converted to a C++ ``Scalar`` argument),
+``nonzero``, ``masked_select``, ``is_nonzero`` and boolean-mask indexing. Inside ``step()`` such reads
+may only touch the CPU step counters. On a GPU the same property is checked with
+``torch.cuda.set_sync_debug_mode("error")`` (tests/test_gpu.py).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import make_mlp
 from test_optimizers_common import FACTORIES
 
+aten = torch.ops.aten
 _HOST_READS = {
-    torch.Tensor.item,
-    torch.Tensor.__bool__,
-    torch.Tensor.__float__,
-    torch.Tensor.__int__,
-    torch.Tensor.__index__,
-    torch.Tensor.tolist,
-    torch.Tensor.cpu,
-    torch.Tensor.numpy,
-    torch.Tensor.nonzero,
-    torch.nonzero,
-    torch.masked_select,
-    torch.Tensor.masked_select,
-    torch.Tensor.__getitem__,
+    aten._local_scalar_dense.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten.is_nonzero.default,
 }
 
 
-class HostReadRecorder(TorchFunctionMode):
+class HostReadRecorder(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.reads: list[tuple[str, torch.Tensor]] = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        if func in _HOST_READS and args and isinstance(args[0], torch.Tensor):
-            index = args[1] if len(args) > 1 else None
-            # indexing with ints/slices is free; indexing with a tensor mask is a sync
-            if func is not torch.Tensor.__getitem__ or isinstance(index, torch.Tensor):
-                self.reads.append((getattr(func, "__name__", str(func)), args[0]))
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        if func in _HOST_READS:
+            self.reads.append((func.__name__, args[0]))
+        elif func is aten.index.Tensor and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
+        ):
+            self.reads.append((func.__name__, args[0]))
         return func(*args, **(kwargs or {}))
 
 
@@ -56,19 +52,24 @@ def test_step_reads_only_cpu_counters_on_the_host(name: str, foreach: bool) -> N
         recorder = HostReadRecorder()
         with recorder:
             opt.step()
-        counters = {
-            id(v) for s in opt.state.values() for k, v in s.items() if k in ("step", "stat_step")
-        }
+        counters = {id(v) for s in opt.state.values() for k, v in s.items() if k in ("step", "stat_step")}
         offending = [(fn, tuple(t.shape)) for fn, t in recorder.reads if id(t) not in counters]
         assert not offending, f"host reads of non-counter tensors in step(): {offending}"
 
 
-def test_recorder_catches_host_reads() -> None:
-    x = torch.randn(4)
+@pytest.mark.parametrize(
+    "read,expected",
+    [
+        (lambda x: x.sum().item(), ["_local_scalar_dense.default"]),
+        (lambda x: x[x > 0], ["index.Tensor"]),
+        (lambda x: bool(x.max() > 0), ["_local_scalar_dense.default"]),
+        (lambda x: torch._foreach_lerp_([x], [x], torch.tensor(0.5)), ["_local_scalar_dense.default"]),
+        (lambda x: x[1:3], []),  # plain slicing reads nothing
+    ],
+    ids=["item", "bool-mask", "bool", "tensor-as-scalar", "slice"],
+)
+def test_recorder_catches_host_reads(read, expected: list[str]) -> None:
     recorder = HostReadRecorder()
     with recorder:
-        x.sum().item()
-        _ = x[x > 0]
-        bool(x.max() > 0)
-        _ = x[1:3]  # plain slicing is not a read
-    assert [fn for fn, _ in recorder.reads] == ["item", "__getitem__", "__bool__"]
+        read(torch.randn(4))
+    assert [fn for fn, _ in recorder.reads] == expected
