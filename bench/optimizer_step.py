@@ -47,7 +47,7 @@ LR = 1e-4
 WEIGHT_DECAY = 0.01
 NO_RESET = 1_000_000  # reset interval far beyond any run: timed steps are ordinary steps
 SPAM_CLIP_DELAY = 2  # clipping from global step 2 on; warm-up >= 1 step, so every timed step clips
-OURS = ("spam", "stable_spam", "am_adamw", "am_sgd")
+OURS = ("spam", "spam_compiled", "stable_spam", "am_adamw", "am_sgd")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -143,6 +143,13 @@ CANDIDATES: dict[str, dict[str, Any]] = {
         available=lambda device: None,
         make=lambda ps: _lo("SPAM")(
             ps, lr=LR, weight_decay=WEIGHT_DECAY, reset_interval=NO_RESET, clip_delay=SPAM_CLIP_DELAY, foreach=True
+        ),
+    ),
+    "spam_compiled": dict(
+        label="lightning_optim.SPAM(compile=True)",
+        available=_needs_cuda,
+        make=lambda ps: _lo("SPAM")(
+            ps, lr=LR, weight_decay=WEIGHT_DECAY, reset_interval=NO_RESET, clip_delay=SPAM_CLIP_DELAY, compile=True
         ),
     ),
     "stable_spam": dict(

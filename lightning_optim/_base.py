@@ -142,19 +142,25 @@ class StepCountedOptimizer(Optimizer):
             params.append(p)
         return params
 
-    def _init_state(self, p: Tensor, keys: Iterable[str], counters: Iterable[str] = ("step",)) -> dict[str, Any]:
-        """Lazily create zero moments (fp32 for half-precision params) and CPU float32 counters."""
+    def _init_state(
+        self, p: Tensor, keys: Iterable[str], counters: Iterable[str] = ("step",), on_device: bool = False
+    ) -> dict[str, Any]:
+        """Lazily create zero moments (fp32 for half-precision params) and float32 counters.
+
+        Counters live on the CPU, so reading them never syncs, unless ``on_device`` (a compiled step reads
+        them on the device, as torch's capturable Adam does). A counter found on the other side (moved by
+        Lightning's ``_optimizer_to_device`` on resume, or after switching paths) is moved once.
+        """
         state = self.state[p]
         if not state:
             for key in counters:
                 state[key] = torch.tensor(0.0, dtype=torch.float32)
             for key in keys:
                 state[key] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
+        device = p.device if on_device else torch.device("cpu")
         for key in counters:
-            if state[key].device.type != "cpu":
-                # Lightning's _optimizer_to_device moves every key but "step" on resume; bring the counter
-                # back once (one sync) rather than reading it from the device every step.
-                state[key] = state[key].cpu()
+            if state[key].device != device:
+                state[key] = state[key].to(device)
         return state
 
     # -- state_dict ---------------------------------------------------------------------------------

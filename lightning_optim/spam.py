@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -79,6 +80,11 @@ class SPAM(StepCountedOptimizer):
         warmup_steps: N cosine warm-up steps after each reset (default 150). clip_delay: D steps after
         a reset before clipping starts (default 20; must be >= 2 when clipping is on). state_bits: 32
         (8-bit state is not implemented yet). foreach: multi-tensor path (default: on for CUDA params).
+        compile: run the multi-tensor step through ``torch.compile`` (default False), which fuses it
+        into a few kernels. Every per-step value (lr·s, the reset mask, the step counters) is then a
+        device tensor, so it compiles at most twice (clipping off/on) and never syncs; ``step`` state
+        lives on the parameter's device, as in torch's capturable Adam. The first steps pay the
+        compile time.
 
     Deviations from the authors' code (see shared/specs/spam.md): ε is added to √v̂ (torch's form, so
     SPAM reduces exactly to AdamW + callbacks), the reset interval is an argument, clipping is disabled
@@ -102,6 +108,7 @@ class SPAM(StepCountedOptimizer):
         *,
         state_bits: Literal[32, 8] = 32,
         foreach: bool | None = None,
+        compile: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -114,7 +121,9 @@ class SPAM(StepCountedOptimizer):
             clip_delay=clip_delay,
             state_bits=state_bits,
             foreach=foreach,
+            compile=compile,
         )
+        self._step_scalars: dict[torch.device, tuple[Tensor, Tensor]] = {}
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -130,6 +139,8 @@ class SPAM(StepCountedOptimizer):
         else:
             check_int("clip_delay", group["clip_delay"], 0)
         check_state_bits(group["state_bits"])
+        if not isinstance(group["compile"], bool):
+            raise ValueError(f"Invalid compile: {group['compile']!r}; must be True or False.")
 
     def _step(self, step: int) -> None:
         for group in self.param_groups:
@@ -137,7 +148,11 @@ class SPAM(StepCountedOptimizer):
             if not params:
                 continue
             k, is_reset, scale = spam_schedule(step, group["reset_interval"], group["warmup_steps"])
-            states = [self._init_state(p, ("exp_avg", "exp_avg_sq")) for p in params]
+            compiled = group["compile"]
+            states = [self._init_state(p, ("exp_avg", "exp_avg_sq"), on_device=compiled) for p in params]
+            if compiled:
+                self._compiled_group_step(group, params, states, group["lr"] * scale, is_reset, k)
+                continue
             beta1, beta2 = group["betas"]
             kwargs = dict(
                 lr=group["lr"] * scale,
@@ -156,6 +171,25 @@ class SPAM(StepCountedOptimizer):
                 [s["exp_avg_sq"] for s in states],
                 [s["step"] for s in states],
                 **kwargs,
+            )
+
+
+    def _compiled_group_step(
+        self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]], lr: float, reset: bool, k: int
+    ) -> None:
+        lists = [params, [p.grad for p in params]] + [[s[key] for s in states] for key in ("exp_avg", "exp_avg_sq", "step")]
+        beta1, beta2 = group["betas"]
+        for (dev_params, *rest), _ in self._group_tensors_by_device_and_dtype(lists).values():
+            device = dev_params[0].device
+            if device not in self._step_scalars:
+                self._step_scalars[device] = (torch.zeros((), device=device), torch.ones((), device=device))
+            lr_t, keep_t = self._step_scalars[device]
+            lr_t.fill_(lr)  # a fill kernel with the value as its argument: no sync, no recompile
+            keep_t.fill_(0.0 if reset else 1.0)
+            _compiled_spam_step()(
+                dev_params, *rest, lr_t, keep_t,
+                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                threshold=group["threshold"], clip=math.isfinite(group["threshold"]) and k >= group["clip_delay"],
             )
 
 
@@ -210,3 +244,54 @@ def _spam_foreach(
         counts = [t.item() for t in dev_steps]  # CPU tensors: no device sync
         adam_update_foreach(p32, g32, dev_exp_avgs, dev_exp_avg_sqs, counts, **adam)
         write_back(dev_params, p32)
+
+
+def _spam_capturable(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    lr: Tensor,
+    keep: Tensor,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    threshold: float,
+    clip: bool,
+) -> None:
+    """Multi-tensor step with every per-step value on the device (lr, keep = 0 at a reset, step counters),
+    for ``torch.compile``; bias corrections as in torch's capturable foreach Adam."""
+    torch._foreach_mul_(exp_avgs, keep)
+    torch._foreach_mul_(exp_avg_sqs, keep)
+    torch._foreach_add_(steps, 1.0)
+    p32, g32 = as_compute(params), as_compute(grads)
+    if clip:
+        spike_clip_(g32, exp_avg_sqs, threshold)
+        write_back(grads, g32)
+    torch._foreach_lerp_(exp_avgs, g32, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, g32, g32, 1 - beta2)
+    if weight_decay != 0:
+        torch._foreach_mul_(p32, 1 - lr * weight_decay)
+    neg_step_size = torch._foreach_pow(beta1, steps)  # becomes lr / (beta1^t - 1) = -lr / bc1
+    torch._foreach_sub_(neg_step_size, 1)
+    torch._foreach_div_(neg_step_size, lr)
+    torch._foreach_reciprocal_(neg_step_size)
+    bc2_sqrt = torch._foreach_pow(beta2, steps)
+    torch._foreach_sub_(bc2_sqrt, 1)
+    torch._foreach_neg_(bc2_sqrt)
+    torch._foreach_sqrt_(bc2_sqrt)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_div_(denom, neg_step_size)
+    torch._foreach_addcdiv_(p32, exp_avgs, denom)
+    write_back(params, p32)
+
+
+@functools.cache
+def _compiled_spam_step() -> Callable[..., None]:
+    return torch.compile(_spam_capturable, dynamic=False)

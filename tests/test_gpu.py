@@ -18,6 +18,9 @@ pytestmark = pytest.mark.gpu
 
 OPTIMIZERS = {
     "spam": lambda p: SPAM(p, lr=1e-3, weight_decay=0.1, reset_interval=100, warmup_steps=20, clip_delay=5),
+    "spam_compiled": lambda p: SPAM(
+        p, lr=1e-3, weight_decay=0.1, reset_interval=100, warmup_steps=20, clip_delay=5, compile=True
+    ),
     "stable_spam": lambda p: StableSPAM(p, lr=1e-3, total_steps=300, reset_interval=100),
     "am_adamw": lambda p: AdaptiveMomentumAdamW(p, lr=1e-3),
     "am_sgd": lambda p: AdaptiveMomentumSGD(p, lr=0.05),
@@ -27,18 +30,25 @@ OPTIMIZERS = {
 @pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_step_is_sync_free(name: str, dtype: torch.dtype) -> None:
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=dtype)) for s in [(256, 128), (128,), (4096,)]]
-    opt = OPTIMIZERS[name](params)
-    for step in range(12):  # includes state creation, clipping and (for SPAM) a warm-up
-        for p in params:
-            p.grad = torch.randn_like(p) * (1e4 if step == 7 else 1.0)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            opt.step()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+    shapes = [(256, 128), (128,), (4096,)]
+
+    def run(check: bool) -> list[torch.nn.Parameter]:
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=dtype)) for s in shapes]
+        opt = OPTIMIZERS[name](params)
+        for step in range(12):  # includes state creation, clipping and (for SPAM) a warm-up
+            for p in params:
+                p.grad = torch.randn_like(p) * (1e4 if step == 7 else 1.0)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error" if check else 0)
+            try:
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return params
+
+    run(check=False)  # compiles (for compile=True) outside the checked run; compiling may sync
+    params = run(check=True)
     assert all(torch.isfinite(p).all() for p in params)
 
 
