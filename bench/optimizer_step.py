@@ -47,7 +47,6 @@ LR = 1e-4
 WEIGHT_DECAY = 0.01
 NO_RESET = 1_000_000  # reset interval far beyond any run: timed steps are ordinary steps
 SPAM_CLIP_DELAY = 2  # clipping from global step 2 on; warm-up >= 1 step, so every timed step clips
-OURS = ("spam", "spam_compiled", "stable_spam", "am_adamw", "am_sgd")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -157,10 +156,20 @@ CANDIDATES: dict[str, dict[str, Any]] = {
         available=lambda device: None,
         make=lambda ps: _lo("StableSPAM")(ps, lr=LR, weight_decay=WEIGHT_DECAY, reset_interval=NO_RESET, foreach=True),
     ),
+    "stable_spam_compiled": dict(
+        label="lightning_optim.StableSPAM(compile=True)",
+        available=_needs_cuda,
+        make=lambda ps: _lo("StableSPAM")(ps, lr=LR, weight_decay=WEIGHT_DECAY, reset_interval=NO_RESET, compile=True),
+    ),
     "am_adamw": dict(
         label="lightning_optim.AdaptiveMomentumAdamW",
         available=lambda device: None,
         make=lambda ps: _lo("AdaptiveMomentumAdamW")(ps, lr=LR, weight_decay=WEIGHT_DECAY, foreach=True),
+    ),
+    "am_adamw_compiled": dict(
+        label="lightning_optim.AdaptiveMomentumAdamW(compile=True)",
+        available=_needs_cuda,
+        make=lambda ps: _lo("AdaptiveMomentumAdamW")(ps, lr=LR, weight_decay=WEIGHT_DECAY, compile=True),
     ),
     "am_sgd": dict(
         label="lightning_optim.AdaptiveMomentumSGD",

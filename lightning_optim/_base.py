@@ -8,6 +8,7 @@ reference path next to a multi-tensor (``torch._foreach_*``) path.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from typing import Any, Callable
@@ -163,6 +164,18 @@ class StepCountedOptimizer(Optimizer):
                 state[key] = state[key].to(device)
         return state
 
+    def _device_scalar(self, name: str, device: torch.device, value: float) -> Tensor:
+        """A persistent 0-dim float32 tensor on ``device`` set to ``value`` for a compiled step.
+
+        ``fill_`` launches a kernel with the value as its argument: no sync, and the compiled graph sees
+        the same tensor input every step, so it does not recompile. Created lazily (not in ``__init__``)
+        because torch's ``Optimizer.__getstate__`` keeps only defaults, state and param groups.
+        """
+        scalars = self.__dict__.setdefault("_device_scalars", {})
+        if (name, device) not in scalars:
+            scalars[(name, device)] = torch.zeros((), dtype=torch.float32, device=device)
+        return scalars[(name, device)].fill_(value)
+
     # -- state_dict ---------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict without torch's cast of every state tensor to the parameter's dtype.
@@ -234,3 +247,26 @@ def adam_update_foreach(
     torch._foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in counts])
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+
+
+def check_compile(compile: Any) -> None:
+    if not isinstance(compile, bool):
+        raise ValueError(f"Invalid compile: {compile!r}; must be True or False.")
+
+
+@functools.cache
+def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compile(fn)``, built once per function and shared by every optimizer instance."""
+    return torch.compile(fn, dynamic=False)
+
+
+def capturable_adam_denoms(exp_avg_sqs: list[Tensor], steps: list[Tensor], beta2: float, eps: float) -> list[Tensor]:
+    """√v / √(1 − β2^t) + ε with the step counters on the device (torch's capturable Adam), for compiled steps."""
+    bc2_sqrt = torch._foreach_pow(beta2, steps)
+    torch._foreach_sub_(bc2_sqrt, 1)
+    torch._foreach_neg_(bc2_sqrt)
+    torch._foreach_sqrt_(bc2_sqrt)
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, bc2_sqrt)
+    torch._foreach_add_(denoms, eps)
+    return denoms

@@ -11,9 +11,12 @@ from torch import Tensor
 from lightning_optim._base import (
     StepCountedOptimizer,
     as_compute,
+    capturable_adam_denoms,
     check_betas,
+    check_compile,
     check_range,
     check_state_bits,
+    compiled,
     write_back,
 )
 
@@ -227,6 +230,9 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
         β*, named ``betas`` so Lightning's momentum tools and LearningRateMonitor find it. eps: ε added
         to √v̂ (default 1e-8). weight_decay: decoupled decay (default 1e-2). memory_weight: λ (default
         0.1). state_bits: 32 (8-bit state is not implemented yet). foreach: multi-tensor path.
+        compile: run the multi-tensor step through ``torch.compile`` (default False): two fused phases
+        (second moment and the two sums; then the memory and parameter update) around the model-wide β,
+        with lr and the step counters as device tensors, so it compiles once per group and never syncs.
 
     The third-party implementation this follows used betas (0.89, 0.999); we keep 0.9 = β_max. The β*
     of the last step is exposed as ``last_beta``. State per parameter: ``exp_avg`` (d), ``exp_avg_sq``
@@ -244,6 +250,7 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
         *,
         state_bits: Literal[32, 8] = 32,
         foreach: bool | None = None,
+        compile: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -253,12 +260,14 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
             memory_weight=memory_weight,
             state_bits=state_bits,
             foreach=foreach,
+            compile=compile,
         )
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         check_betas(group["betas"], ("beta_max", "beta2"))
         check_range("eps", group["eps"], 0.0)
+        check_compile(group["compile"])
         super()._validate_group(group)
         beta_max = self.param_groups[0]["betas"][0]
         if group["betas"][0] != beta_max:
@@ -271,18 +280,26 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
         groups = self._collect()
         if not groups:
             return
-        parts = []  # (group, params, grads, exp_avgs, denoms, diffs or None for the reference path)
+        parts = []  # (group, params, grads, exp_avgs, denoms, diffs); denoms None: compiled, diffs None: reference
         sq_grads, sq_diffs = [], []
         for group, params in groups:
             _, beta2 = group["betas"]
             eps = group["eps"]
-            states = [self._init_state(p, ("exp_avg", "exp_avg_sq")) for p in params]
-            grads = as_compute([p.grad for p in params])
+            states = [self._init_state(p, ("exp_avg", "exp_avg_sq"), on_device=group["compile"]) for p in params]
             exp_avgs = [s["exp_avg"] for s in states]
             exp_avg_sqs = [s["exp_avg_sq"] for s in states]
             steps = [s["step"] for s in states]
-            foreach = self._use_foreach(group, params)
-            if foreach:
+            if group["compile"]:
+                grads = [p.grad for p in params]  # cast inside the compiled graph
+                lists = [grads, exp_avgs, exp_avg_sqs, steps]
+                for dev_lists, _ in self._group_tensors_by_device_and_dtype(lists).values():
+                    a, b = compiled(_am_adamw_capturable_sums)(*dev_lists, beta2=beta2, eps=eps)
+                    sq_grads.append(a)
+                    sq_diffs.append(b)
+                parts.append((group, params, grads, exp_avgs, None, exp_avg_sqs))
+                continue
+            grads = as_compute([p.grad for p in params])
+            if self._use_foreach(group, params):
                 torch._foreach_add_(steps, 1.0)
                 counts = [t.item() for t in steps]  # CPU tensors: no device sync
                 torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -309,7 +326,16 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
 
         for group, params, grads, exp_avgs, denoms, diffs in parts:
             lr, wd = group["lr"], group["weight_decay"]
-            if diffs is not None:
+            if denoms is None:  # compiled: diffs holds exp_avg_sqs; D and d - g are recomputed in the graph
+                steps = [self.state[p]["step"] for p in params]
+                lists = [params, grads, exp_avgs, diffs, steps]
+                for dev_lists, _ in self._group_tensors_by_device_and_dtype(lists).values():
+                    device = dev_lists[0][0].device
+                    compiled(_am_adamw_capturable_update)(
+                        *dev_lists, self._device_scalar("lr", device, lr), weight.to(device),
+                        beta2=group["betas"][1], eps=group["eps"], weight_decay=wd,
+                    )
+            elif diffs is not None:
                 lists = [params, exp_avgs, denoms, diffs]
                 for (p, d, w, e), _ in self._group_tensors_by_device_and_dtype(lists).values():
                     p32 = as_compute(p)
@@ -326,3 +352,46 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
                         p32.mul_(1 - lr * wd)
                     p32.addcdiv_(d, w, value=-lr)
                     write_back([p], [p32])
+
+
+def _am_adamw_capturable_sums(
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    beta2: float,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Compiled phase 1: advance v and t, return A = Σ g²/D and B = Σ (d − g)²/D (D not kept)."""
+    g32 = as_compute(grads)
+    torch._foreach_add_(steps, 1.0)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, g32, g32, 1 - beta2)
+    denoms = capturable_adam_denoms(exp_avg_sqs, steps, beta2, eps)
+    return _weighted_sq_sum(g32, denoms), _weighted_sq_sum(torch._foreach_sub(exp_avgs, g32), denoms)
+
+
+def _am_adamw_capturable_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    lr: Tensor,
+    weight: Tensor,
+    *,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """Compiled phase 2: d ← d − w(d − g), x ← x(1 − η·wd) − η·d/D, with η and w device tensors."""
+    p32, g32 = as_compute(params), as_compute(grads)
+    denoms = capturable_adam_denoms(exp_avg_sqs, steps, beta2, eps)
+    _pull_towards_gradient_(exp_avgs, torch._foreach_sub(exp_avgs, g32), weight)
+    if weight_decay != 0:
+        torch._foreach_mul_(p32, 1 - lr * weight_decay)
+    update = torch._foreach_div(exp_avgs, denoms)
+    torch._foreach_mul_(update, lr)
+    torch._foreach_sub_(p32, update)
+    write_back(params, p32)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
@@ -15,10 +14,13 @@ from lightning_optim._base import (
     adam_update_foreach,
     adam_update_single,
     as_compute,
+    capturable_adam_denoms,
     check_betas,
+    check_compile,
     check_int,
     check_range,
     check_state_bits,
+    compiled,
     write_back,
 )
 
@@ -123,7 +125,6 @@ class SPAM(StepCountedOptimizer):
             foreach=foreach,
             compile=compile,
         )
-        self._step_scalars: dict[torch.device, tuple[Tensor, Tensor]] = {}
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -139,8 +140,7 @@ class SPAM(StepCountedOptimizer):
         else:
             check_int("clip_delay", group["clip_delay"], 0)
         check_state_bits(group["state_bits"])
-        if not isinstance(group["compile"], bool):
-            raise ValueError(f"Invalid compile: {group['compile']!r}; must be True or False.")
+        check_compile(group["compile"])
 
     def _step(self, step: int) -> None:
         for group in self.param_groups:
@@ -148,9 +148,8 @@ class SPAM(StepCountedOptimizer):
             if not params:
                 continue
             k, is_reset, scale = spam_schedule(step, group["reset_interval"], group["warmup_steps"])
-            compiled = group["compile"]
-            states = [self._init_state(p, ("exp_avg", "exp_avg_sq"), on_device=compiled) for p in params]
-            if compiled:
+            states = [self._init_state(p, ("exp_avg", "exp_avg_sq"), on_device=group["compile"]) for p in params]
+            if group["compile"]:
                 self._compiled_group_step(group, params, states, group["lr"] * scale, is_reset, k)
                 continue
             beta1, beta2 = group["betas"]
@@ -181,13 +180,11 @@ class SPAM(StepCountedOptimizer):
         beta1, beta2 = group["betas"]
         for (dev_params, *rest), _ in self._group_tensors_by_device_and_dtype(lists).values():
             device = dev_params[0].device
-            if device not in self._step_scalars:
-                self._step_scalars[device] = (torch.zeros((), device=device), torch.ones((), device=device))
-            lr_t, keep_t = self._step_scalars[device]
-            lr_t.fill_(lr)  # a fill kernel with the value as its argument: no sync, no recompile
-            keep_t.fill_(0.0 if reset else 1.0)
-            _compiled_spam_step()(
-                dev_params, *rest, lr_t, keep_t,
+            compiled(_spam_capturable)(
+                dev_params,
+                *rest,
+                self._device_scalar("lr", device, lr),
+                self._device_scalar("keep", device, 0.0 if reset else 1.0),
                 beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                 threshold=group["threshold"], clip=math.isfinite(group["threshold"]) and k >= group["clip_delay"],
             )
@@ -280,18 +277,8 @@ def _spam_capturable(
     torch._foreach_sub_(neg_step_size, 1)
     torch._foreach_div_(neg_step_size, lr)
     torch._foreach_reciprocal_(neg_step_size)
-    bc2_sqrt = torch._foreach_pow(beta2, steps)
-    torch._foreach_sub_(bc2_sqrt, 1)
-    torch._foreach_neg_(bc2_sqrt)
-    torch._foreach_sqrt_(bc2_sqrt)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bc2_sqrt)
-    torch._foreach_add_(denom, eps)
+    denom = capturable_adam_denoms(exp_avg_sqs, steps, beta2, eps)
     torch._foreach_div_(denom, neg_step_size)
     torch._foreach_addcdiv_(p32, exp_avgs, denom)
     write_back(params, p32)
 
-
-@functools.cache
-def _compiled_spam_step() -> Callable[..., None]:
-    return torch.compile(_spam_capturable, dynamic=False)

@@ -14,10 +14,13 @@ from lightning_optim._base import (
     adam_update_foreach,
     adam_update_single,
     as_compute,
+    capturable_adam_denoms,
     check_betas,
+    check_compile,
     check_int,
     check_range,
     check_state_bits,
+    compiled,
     write_back,
 )
 
@@ -60,7 +63,9 @@ class StableSPAM(StepCountedOptimizer):
         total_steps: length of the cosine β1/γ1 schedule (default None: no schedule). eta_min: its floor
         (default 0.5). reset_interval: ΔT steps between moment resets (default 1000; 0 never resets).
         state_bits: 32 (8-bit state is not implemented yet). foreach: multi-tensor path (default: on
-        for CUDA params).
+        for CUDA params). compile: run the multi-tensor step through ``torch.compile`` (default False);
+        lr, β1', γ1', the reset mask and the counters are then device tensors, so it compiles once per
+        group and never syncs (``step``/``stat_step`` live on the parameter's device).
 
     The authors recommend lr 4e-4, γ1 0.7, γ2 0.9, γ3 0.999, reset 500 for 4-bit training and lr 8e-4,
     γ1 0.85, γ2 0.99999, reset 1000 for BF16, with total_steps = the number of training steps.
@@ -92,6 +97,7 @@ class StableSPAM(StepCountedOptimizer):
         *,
         state_bits: Literal[32, 8] = 32,
         foreach: bool | None = None,
+        compile: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -106,6 +112,7 @@ class StableSPAM(StepCountedOptimizer):
             reset_interval=reset_interval,
             state_bits=state_bits,
             foreach=foreach,
+            compile=compile,
         )
         super().__init__(params, defaults)
 
@@ -121,9 +128,10 @@ class StableSPAM(StepCountedOptimizer):
         check_range("eta_min", group["eta_min"], 0.0, 1.0, low_open=True)
         check_int("reset_interval", group["reset_interval"], 0)
         check_state_bits(group["state_bits"])
+        check_compile(group["compile"])
 
-    def _init_stable_state(self, p: Tensor) -> dict[str, Any]:
-        state = self._init_state(p, ("exp_avg", "exp_avg_sq"), counters=self._counter_keys)
+    def _init_stable_state(self, p: Tensor, on_device: bool) -> dict[str, Any]:
+        state = self._init_state(p, ("exp_avg", "exp_avg_sq"), counters=self._counter_keys, on_device=on_device)
         if "m_max" not in state:
             for key in _STATS:
                 state[key] = torch.zeros((), dtype=state["exp_avg"].dtype, device=p.device)
@@ -136,23 +144,23 @@ class StableSPAM(StepCountedOptimizer):
                 continue
             scale = stable_spam_schedule(step, group["total_steps"], group["eta_min"])
             interval = group["reset_interval"]
-            states = [self._init_stable_state(p) for p in params]
+            states = [self._init_stable_state(p, group["compile"]) for p in params]
             beta1, beta2 = group["betas"]
+            lists = [params, [p.grad for p in params]]
+            lists += [[s[key] for s in states] for key in ("exp_avg", "exp_avg_sq", "step", "stat_step", *_STATS)]
+            reset = interval > 0 and step % interval == 0
+            hyper = dict(gamma2=group["gamma2"], gamma3=group["gamma3"], eps=group["eps"])
+            hyper.update(beta2=beta2, weight_decay=group["weight_decay"])
+            if group["compile"]:
+                for dev_lists, _ in self._group_tensors_by_device_and_dtype(lists).values():
+                    device = dev_lists[0][0].device
+                    scalars = dict(lr=group["lr"], beta1=beta1 * scale, gamma1=group["gamma1"] * scale)
+                    scalars["keep"] = 0.0 if reset else 1.0
+                    tensors = [self._device_scalar(name, device, value) for name, value in scalars.items()]
+                    compiled(_stable_spam_capturable)(*dev_lists, *tensors, **hyper)
+                continue
             fn = _stable_spam_foreach if self._use_foreach(group, params) else _stable_spam_single_tensor
-            fn(
-                params,
-                [p.grad for p in params],
-                *([s[key] for s in states] for key in ("exp_avg", "exp_avg_sq", "step", "stat_step", *_STATS)),
-                gamma1=group["gamma1"] * scale,
-                gamma2=group["gamma2"],
-                gamma3=group["gamma3"],
-                reset=interval > 0 and step % interval == 0,
-                lr=group["lr"],
-                beta1=beta1 * scale,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-            )
+            fn(*lists, gamma1=group["gamma1"] * scale, reset=reset, lr=group["lr"], beta1=beta1 * scale, **hyper)
 
 
 def _stable_spam_single_tensor(
@@ -186,7 +194,7 @@ def _stable_spam_single_tensor(
         g.copy_(torch.where(g.abs() > m_max_hat, g * ratio, g))
         # 2. rescale the tensor to the running norm ratio
         norm = torch.linalg.vector_norm(g)
-        m_norms[i].lerp_(norm, 1 - gamma1)
+        m_norms[i].mul_(gamma1).add_(norm * (1 - gamma1))
         v_norms[i].mul_(gamma2).addcmul_(norm, norm, value=1 - gamma2)
         c = (m_norms[i] / (1 - gamma1**u)) / ((v_norms[i] / (1 - gamma2**u)).sqrt() + eps)
         positive = norm > 0
@@ -226,34 +234,11 @@ def _stable_spam_foreach(
         p32, g32 = as_compute(dev_params), as_compute(dev_grads)
         torch._foreach_add_(dev_u, 1.0)
         us = [u.item() for u in dev_u]  # CPU tensors: no device sync
-        # 1. adaptive clip: entries above m_max_hat are scaled by m_max_hat / max|g|
-        peaks = torch._foreach_norm(g32, math.inf)
-        torch._foreach_lerp_(dev_m_max, peaks, 1 - gamma3)
-        m_max_hat = torch._foreach_div(dev_m_max, [1 - gamma3**u for u in us])
-        tiny = torch.finfo(g32[0].dtype).tiny
-        ratio_minus_one = torch._foreach_div(m_max_hat, torch._foreach_clamp_min(peaks, tiny))
-        torch._foreach_sub_(ratio_minus_one, 1.0)
-        factor = torch._foreach_abs(g32)
-        torch._foreach_sub_(factor, m_max_hat)
-        torch._foreach_sign_(factor)
-        torch._foreach_clamp_min_(factor, 0.0)  # 1 where |g| > m_max_hat, else 0
-        torch._foreach_mul_(factor, ratio_minus_one)
-        torch._foreach_add_(factor, 1.0)
-        torch._foreach_mul_(g32, factor)
-        del factor
-        # 2. rescale each tensor to its running norm ratio (vectorised over the tensors of this group)
-        norms = torch._foreach_norm(g32)
-        torch._foreach_lerp_(dev_m_norm, norms, 1 - gamma1)
-        torch._foreach_mul_(dev_v_norm, gamma2)
-        torch._foreach_addcmul_(dev_v_norm, norms, norms, 1 - gamma2)
-        m_hat = torch._foreach_div(dev_m_norm, [1 - gamma1**u for u in us])
-        denom = torch._foreach_div(dev_v_norm, [1 - gamma2**u for u in us])
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, eps)
-        c = torch.stack(torch._foreach_div(m_hat, denom))
-        n = torch.stack(norms)
-        positive = n > 0
-        torch._foreach_mul_(g32, torch.where(positive, c / torch.where(positive, n, 1.0), 1.0).unbind())
+        _clip_and_normalise_(
+            g32, dev_m_max, dev_m_norm, dev_v_norm,
+            [1 - gamma3**u for u in us], [1 - gamma1**u for u in us], [1 - gamma2**u for u in us],
+            gamma1=gamma1, gamma2=gamma2, gamma3=gamma3, eps=eps,
+        )
         # 3. Adam on the fresh moments at a reset step
         if reset:
             torch._foreach_zero_(dev_m)
@@ -262,3 +247,105 @@ def _stable_spam_foreach(
         torch._foreach_add_(dev_steps, 1.0)
         adam_update_foreach(p32, g32, dev_m, dev_v, [t.item() for t in dev_steps], **adam)
         write_back(dev_params, p32)
+
+
+def _clip_and_normalise_(
+    grads: list[Tensor],
+    m_maxs: list[Tensor],
+    m_norms: list[Tensor],
+    v_norms: list[Tensor],
+    bc3: list[float] | list[Tensor],
+    bc1: list[float] | list[Tensor],
+    bc2: list[float] | list[Tensor],
+    *,
+    gamma1: float | Tensor,
+    gamma2: float,
+    gamma3: float,
+    eps: float,
+) -> None:
+    """Steps 1-2 on same-device tensors, in place: the adaptive clip, then the rescale to the running norm
+    ratio. Bias corrections 1 − γ^u come as host floats (eager) or device tensors (compiled), and γ1' as a
+    float or a device tensor; per-tensor factors stay 0-dim device tensors, so nothing is read on the host."""
+    # 1. entries above m_max_hat are scaled by m_max_hat / max|g|
+    peaks = torch._foreach_norm(grads, math.inf)
+    torch._foreach_lerp_(m_maxs, peaks, 1 - gamma3)
+    m_max_hat = torch._foreach_div(m_maxs, bc3)
+    ratio_minus_one = torch._foreach_div(m_max_hat, torch._foreach_clamp_min(peaks, torch.finfo(grads[0].dtype).tiny))
+    torch._foreach_sub_(ratio_minus_one, 1.0)
+    factor = torch._foreach_abs(grads)
+    torch._foreach_sub_(factor, m_max_hat)
+    torch._foreach_sign_(factor)
+    torch._foreach_clamp_min_(factor, 0.0)  # 1 where |g| > m_max_hat, else 0
+    torch._foreach_mul_(factor, ratio_minus_one)
+    torch._foreach_add_(factor, 1.0)
+    torch._foreach_mul_(grads, factor)
+    del factor
+    # 2. rescale each tensor by c / n (vectorised over the tensors)
+    norms = torch._foreach_norm(grads)
+    torch._foreach_mul_(m_norms, gamma1)  # not _foreach_lerp_: it would read a tensor γ1' on the host
+    torch._foreach_add_(m_norms, torch._foreach_mul(norms, 1 - gamma1))
+    torch._foreach_mul_(v_norms, gamma2)
+    torch._foreach_addcmul_(v_norms, norms, norms, 1 - gamma2)
+    m_hat = torch._foreach_div(m_norms, bc1)
+    denom = torch._foreach_div(v_norms, bc2)
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    c = torch.stack(torch._foreach_div(m_hat, denom))
+    n = torch.stack(norms)
+    positive = n > 0
+    torch._foreach_mul_(grads, torch.where(positive, c / torch.where(positive, n, 1.0), 1.0).unbind())
+
+
+def _one_minus_pow(base: float | Tensor, exponents: list[Tensor]) -> list[Tensor]:
+    """[1 − base^t for t in exponents], all on the device (base a float or a 0-dim device tensor)."""
+    out = torch._foreach_pow([base] * len(exponents) if isinstance(base, Tensor) else base, exponents)
+    torch._foreach_neg_(out)
+    torch._foreach_add_(out, 1.0)
+    return out
+
+
+def _stable_spam_capturable(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    stat_steps: list[Tensor],
+    m_maxs: list[Tensor],
+    m_norms: list[Tensor],
+    v_norms: list[Tensor],
+    lr: Tensor,
+    beta1: Tensor,
+    gamma1: Tensor,
+    keep: Tensor,
+    *,
+    beta2: float,
+    gamma2: float,
+    gamma3: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """The multi-tensor step with lr, β1', γ1', the reset mask (keep = 0) and all counters on the device,
+    for ``torch.compile``."""
+    p32, g32 = as_compute(params), as_compute(grads)
+    if weight_decay != 0:
+        torch._foreach_mul_(p32, 1 - lr * weight_decay)
+    torch._foreach_add_(stat_steps, 1.0)
+    _clip_and_normalise_(
+        g32, m_maxs, m_norms, v_norms,
+        _one_minus_pow(gamma3, stat_steps), _one_minus_pow(gamma1, stat_steps), _one_minus_pow(gamma2, stat_steps),
+        gamma1=gamma1, gamma2=gamma2, gamma3=gamma3, eps=eps,
+    )
+    for moment in (exp_avgs, exp_avg_sqs, steps):  # fresh moments and k = 1 at a reset step
+        torch._foreach_mul_(moment, keep)
+    torch._foreach_add_(steps, 1.0)
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, torch._foreach_mul(g32, 1 - beta1))
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, g32, g32, 1 - beta2)
+    denoms = capturable_adam_denoms(exp_avg_sqs, steps, beta2, eps)
+    torch._foreach_mul_(denoms, _one_minus_pow(beta1, steps))
+    update = torch._foreach_div(exp_avgs, denoms)
+    torch._foreach_mul_(update, lr)
+    torch._foreach_sub_(p32, update)
+    write_back(params, p32)

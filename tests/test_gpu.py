@@ -22,7 +22,9 @@ OPTIMIZERS = {
         p, lr=1e-3, weight_decay=0.1, reset_interval=100, warmup_steps=20, clip_delay=5, compile=True
     ),
     "stable_spam": lambda p: StableSPAM(p, lr=1e-3, total_steps=300, reset_interval=100),
+    "stable_spam_compiled": lambda p: StableSPAM(p, lr=1e-3, total_steps=300, reset_interval=100, compile=True),
     "am_adamw": lambda p: AdaptiveMomentumAdamW(p, lr=1e-3),
+    "am_adamw_compiled": lambda p: AdaptiveMomentumAdamW(p, lr=1e-3, compile=True),
     "am_sgd": lambda p: AdaptiveMomentumSGD(p, lr=0.05),
 }
 
