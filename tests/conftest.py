@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -47,6 +48,22 @@ def train(
             return loss
 
         optimizer.step(closure)
+
+
+def restore_from_checkpoint(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer],
+    seed: int = 123,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A checkpoint round-trip: deep copies of both state dicts loaded into a model with a different init
+    and a fresh optimizer from ``make_optimizer(model)``, so everything must come from the checkpoint."""
+    saved_model, saved_optimizer = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
+    resumed = make_mlp(next(model.parameters()).dtype, seed=seed)
+    resumed.load_state_dict(saved_model)
+    resumed_optimizer = make_optimizer(resumed)
+    resumed_optimizer.load_state_dict(saved_optimizer)
+    return resumed, resumed_optimizer
 
 
 def flat(model: torch.nn.Module) -> torch.Tensor:

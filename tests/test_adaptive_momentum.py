@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 
-from conftest import flat, make_mlp, train
+from conftest import flat, make_mlp, restore_from_checkpoint, train
 from lightning_optim import AdaptiveMomentumAdamW, AdaptiveMomentumSGD
 from lightning_optim.adaptive_momentum import adaptive_beta, effective_beta
 
@@ -157,10 +156,6 @@ def test_resume_after_37_steps_is_bit_identical(cls: type, foreach: bool) -> Non
     first = make_mlp(torch.float32)
     opt = cls(first.parameters(), foreach=foreach)
     train(first, opt, 37)
-    saved = copy.deepcopy((first.state_dict(), opt.state_dict()))
-    resumed = make_mlp(torch.float32, seed=3)
-    resumed.load_state_dict(saved[0])
-    opt2 = cls(resumed.parameters(), foreach=foreach)
-    opt2.load_state_dict(saved[1])
+    resumed, opt2 = restore_from_checkpoint(first, opt, lambda m: cls(m.parameters(), foreach=foreach), seed=3)
     train(resumed, opt2, 43, start=37)
     assert torch.equal(flat(resumed), flat(model))

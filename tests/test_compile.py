@@ -5,13 +5,12 @@ backend); on CUDA the same graphs compile to Triton (tests/test_gpu.py)."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from conftest import flat, make_mlp, train
+from conftest import flat, make_mlp, restore_from_checkpoint, train
 from lightning_optim import SPAM, AdaptiveMomentumAdamW, StableSPAM
 
 CASES = {
@@ -43,20 +42,21 @@ def fresh_dynamo():
 def test_compiled_step_matches_eager_and_resumes_exactly(name: str) -> None:
     factory, most_graphs = CASES[name]
     eager, model = make_mlp(torch.float32), make_mlp(torch.float32)
-    train(eager, factory(eager.parameters(), foreach=True), 25, spikes=SPIKES)
+    eager_opt = factory(eager.parameters(), foreach=True)
+    train(eager, eager_opt, 25, spikes=SPIKES)
     opt = factory(model.parameters(), compile=True)
     train(model, opt, 25, spikes=SPIKES)  # crosses resets, warm-ups, clip switches and the cosine schedule
     # bias corrections run in fp32 on the device here, in float64 on the host in the eager path
     torch.testing.assert_close(flat(model), flat(eager), rtol=1e-5, atol=1e-5)
     assert counters["stats"]["unique_graphs"] <= most_graphs
     assert all(s["step"].device == p.device for p, s in opt.state.items())
+    for p, q in zip(model.parameters(), eager.parameters()):  # the same counters as eager, reset steps included
+        for key in ("step", "stat_step"):
+            if key in eager_opt.state[q]:
+                assert opt.state[p][key].item() == eager_opt.state[q][key].item(), key
 
-    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    resumed, opt2 = restore_from_checkpoint(model, opt, lambda m: factory(m.parameters(), compile=True), seed=4)
     train(model, opt, 6, start=25)
-    resumed = make_mlp(torch.float32, seed=4)
-    resumed.load_state_dict(saved[0])
-    opt2 = factory(resumed.parameters(), compile=True)
-    opt2.load_state_dict(saved[1])
     train(resumed, opt2, 6, start=25)
     assert torch.equal(flat(resumed), flat(model))
     assert counters["stats"]["unique_graphs"] <= most_graphs  # the resumed optimizer reuses the graphs

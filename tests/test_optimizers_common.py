@@ -3,13 +3,12 @@ half-precision parameters, param groups, closures, validation of arguments and g
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 
-from conftest import flat, make_mlp, train
+from conftest import flat, make_mlp, restore_from_checkpoint, train
 from lightning_optim import SPAM, AdaptiveMomentumAdamW, AdaptiveMomentumSGD, StableSPAM
 
 # Small intervals so that resets, warm-ups, clipping and the Stable-SPAM schedule all happen within a test.
@@ -60,13 +59,8 @@ def test_resume_is_bit_identical(name: str, foreach: bool) -> None:
     first = make_mlp(torch.float32)
     opt1 = FACTORIES[name](grouped(first), foreach=foreach)
     train(first, opt1, 23, spikes=SPIKES)
-    saved = copy.deepcopy({"model": first.state_dict(), "opt": opt1.state_dict()})
+    resumed, opt2 = restore_from_checkpoint(first, opt1, lambda m: FACTORIES[name](grouped(m), foreach=foreach))
     del first, opt1
-
-    resumed = make_mlp(torch.float32, seed=123)  # different init: everything must come from the checkpoint
-    resumed.load_state_dict(saved["model"])
-    opt2 = FACTORIES[name](grouped(resumed), foreach=foreach)
-    opt2.load_state_dict(saved["opt"])
     assert opt2.param_groups[0]["global_step"] == 23
     train(resumed, opt2, 27, start=23, spikes=SPIKES)
     assert torch.equal(flat(resumed), flat(model))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 
-from conftest import flat, make_mlp, train
+from conftest import flat, make_mlp, restore_from_checkpoint, train
 from lightning_optim import SPAM
 from lightning_optim.spam import spam_schedule, spam_warmup_factor, spike_clip_
 
@@ -117,11 +116,7 @@ def test_resume_inside_warmup_window_is_bit_identical(foreach: bool) -> None:
     first = make_mlp(torch.float32)
     opt = SPAM(first.parameters(), **kwargs)
     train(first, opt, stop, spikes={4: 1e3, 15: 1e4})
-    saved = copy.deepcopy((first.state_dict(), opt.state_dict()))
-    resumed = make_mlp(torch.float32, seed=9)
-    resumed.load_state_dict(saved[0])
-    opt2 = SPAM(resumed.parameters(), **kwargs)
-    opt2.load_state_dict(saved[1])
+    resumed, opt2 = restore_from_checkpoint(first, opt, lambda m: SPAM(m.parameters(), **kwargs), seed=9)
     train(resumed, opt2, total - stop, start=stop, spikes={4: 1e3, 15: 1e4})
     assert torch.equal(flat(resumed), flat(model))
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 
-from conftest import flat, make_mlp, train
+from conftest import flat, make_mlp, restore_from_checkpoint, train
 from lightning_optim import StableSPAM
 from lightning_optim.stable_spam import stable_spam_schedule
 
@@ -114,11 +113,7 @@ def test_resume_is_bit_identical(foreach: bool) -> None:
     first = make_mlp(torch.float32)
     opt = StableSPAM(first.parameters(), **kwargs)
     train(first, opt, 22, spikes=spikes)
-    saved = copy.deepcopy((first.state_dict(), opt.state_dict()))
-    resumed = make_mlp(torch.float32, seed=5)
-    resumed.load_state_dict(saved[0])
-    opt2 = StableSPAM(resumed.parameters(), **kwargs)
-    opt2.load_state_dict(saved[1])
+    resumed, opt2 = restore_from_checkpoint(first, opt, lambda m: StableSPAM(m.parameters(), **kwargs), seed=5)
     train(resumed, opt2, 28, start=22, spikes=spikes)
     assert torch.equal(flat(resumed), flat(model))
 
