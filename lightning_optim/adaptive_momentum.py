@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -280,7 +281,9 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
         groups = self._collect()
         if not groups:
             return
-        parts = []  # (group, params, grads, exp_avgs, denoms, diffs); denoms None: compiled, diffs None: reference
+        # Phase 1 advances v and t and sums A and B over the model; each group then queues its phase 2,
+        # which needs the model-wide β.
+        updates: list[Callable[[Tensor], None]] = []
         sq_grads, sq_diffs = [], []
         for group, params in groups:
             _, beta2 = group["betas"]
@@ -296,7 +299,8 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
                     a, b = compiled(_am_adamw_capturable_sums)(*dev_lists, beta2=beta2, eps=eps)
                     sq_grads.append(a)
                     sq_diffs.append(b)
-                parts.append((group, params, grads, exp_avgs, None, exp_avg_sqs))
+                lists = [params, grads, exp_avgs, exp_avg_sqs, steps]
+                updates.append(functools.partial(self._compiled_update, group, lists))
                 continue
             grads = as_compute([p.grad for p in params])
             if self._use_foreach(group, params):
@@ -311,8 +315,9 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
                 for (g, e, w), _ in self._group_tensors_by_device_and_dtype([grads, diffs, denoms]).values():
                     sq_grads.append(_weighted_sq_sum(g, w))
                     sq_diffs.append(_weighted_sq_sum(e, w))
+                updates.append(functools.partial(self._foreach_update, group, [params, exp_avgs, denoms, diffs]))
             else:
-                denoms, diffs = [], None
+                denoms = []
                 for g, d, v, t in zip(grads, exp_avgs, exp_avg_sqs, steps):
                     t += 1
                     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -320,39 +325,48 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
                     denoms.append(w)
                     sq_grads.append((g.square() / w).sum())
                     sq_diffs.append(((d - g).square() / w).sum())
-            parts.append((group, params, grads, exp_avgs, denoms, diffs))
+                updates.append(functools.partial(self._reference_update, group, params, grads, exp_avgs, denoms))
         first = groups[0][0]
         weight = 1 - self._beta(sq_grads, sq_diffs, first, first["betas"][0])
+        for update in updates:
+            update(weight)
 
-        for group, params, grads, exp_avgs, denoms, diffs in parts:
-            lr, wd = group["lr"], group["weight_decay"]
-            if denoms is None:  # compiled: diffs holds exp_avg_sqs; D and d - g are recomputed in the graph
-                steps = [self.state[p]["step"] for p in params]
-                lists = [params, grads, exp_avgs, diffs, steps]
-                for dev_lists, _ in self._group_tensors_by_device_and_dtype(lists).values():
-                    device = dev_lists[0][0].device
-                    compiled(_am_adamw_capturable_update)(
-                        *dev_lists, self._device_scalar("lr", device, lr), weight.to(device),
-                        beta2=group["betas"][1], eps=group["eps"], weight_decay=wd,
-                    )
-            elif diffs is not None:
-                lists = [params, exp_avgs, denoms, diffs]
-                for (p, d, w, e), _ in self._group_tensors_by_device_and_dtype(lists).values():
-                    p32 = as_compute(p)
-                    _pull_towards_gradient_(d, e, weight)
-                    if wd != 0:
-                        torch._foreach_mul_(p32, 1 - lr * wd)
-                    torch._foreach_addcdiv_(p32, d, w, value=-lr)
-                    write_back(p, p32)
-            else:
-                for p, g, d, w in zip(params, grads, exp_avgs, denoms):
-                    (p32,) = as_compute([p])
-                    d.lerp_(g, weight.to(d.device))
-                    if wd != 0:
-                        p32.mul_(1 - lr * wd)
-                    p32.addcdiv_(d, w, value=-lr)
-                    write_back([p], [p32])
+    def _compiled_update(self, group: dict[str, Any], lists: list[list[Tensor]], weight: Tensor) -> None:
+        # D and d - g are recomputed inside the graph rather than kept from phase 1
+        for dev_lists, _ in self._group_tensors_by_device_and_dtype(lists).values():
+            device = dev_lists[0][0].device
+            compiled(_am_adamw_capturable_update)(
+                *dev_lists, self._device_scalar("lr", device, group["lr"]), weight.to(device),
+                beta2=group["betas"][1], eps=group["eps"], weight_decay=group["weight_decay"],
+            )
 
+    def _foreach_update(self, group: dict[str, Any], lists: list[list[Tensor]], weight: Tensor) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
+        for (p, d, w, e), _ in self._group_tensors_by_device_and_dtype(lists).values():
+            p32 = as_compute(p)
+            _pull_towards_gradient_(d, e, weight)
+            if wd != 0:
+                torch._foreach_mul_(p32, 1 - lr * wd)
+            torch._foreach_addcdiv_(p32, d, w, value=-lr)
+            write_back(p, p32)
+
+    @staticmethod
+    def _reference_update(
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        denoms: list[Tensor],
+        weight: Tensor,
+    ) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
+        for p, g, d, w in zip(params, grads, exp_avgs, denoms):
+            (p32,) = as_compute([p])
+            d.lerp_(g, weight.to(d.device))
+            if wd != 0:
+                p32.mul_(1 - lr * wd)
+            p32.addcdiv_(d, w, value=-lr)
+            write_back([p], [p32])
 
 def _am_adamw_capturable_sums(
     grads: list[Tensor],

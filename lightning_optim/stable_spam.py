@@ -149,18 +149,20 @@ class StableSPAM(StepCountedOptimizer):
             lists = [params, [p.grad for p in params]]
             lists += [[s[key] for s in states] for key in ("exp_avg", "exp_avg_sq", "step", "stat_step", *_STATS)]
             reset = interval > 0 and step % interval == 0
-            hyper = dict(gamma2=group["gamma2"], gamma3=group["gamma3"], eps=group["eps"])
-            hyper.update(beta2=beta2, weight_decay=group["weight_decay"])
-            if group["compile"]:
+            hyper = dict(
+                gamma2=group["gamma2"], gamma3=group["gamma3"], eps=group["eps"], beta2=beta2,
+                weight_decay=group["weight_decay"],
+            )
+            per_step = dict(lr=group["lr"], beta1=beta1 * scale, gamma1=group["gamma1"] * scale)
+            if group["compile"]:  # per-step values go in as device tensors, in the capturable step's order
+                per_step["keep"] = 0.0 if reset else 1.0
                 for dev_lists, _ in self._group_tensors_by_device_and_dtype(lists).values():
                     device = dev_lists[0][0].device
-                    scalars = dict(lr=group["lr"], beta1=beta1 * scale, gamma1=group["gamma1"] * scale)
-                    scalars["keep"] = 0.0 if reset else 1.0
-                    tensors = [self._device_scalar(name, device, value) for name, value in scalars.items()]
+                    tensors = [self._device_scalar(name, device, value) for name, value in per_step.items()]
                     compiled(_stable_spam_capturable)(*dev_lists, *tensors, **hyper)
                 continue
             fn = _stable_spam_foreach if self._use_foreach(group, params) else _stable_spam_single_tensor
-            fn(*lists, gamma1=group["gamma1"] * scale, reset=reset, lr=group["lr"], beta1=beta1 * scale, **hyper)
+            fn(*lists, reset=reset, **per_step, **hyper)
 
 
 def _stable_spam_single_tensor(
