@@ -10,6 +10,7 @@ from lightning_optim.adaptive_momentum import AdaptiveMomentumAdamW, AdaptiveMom
 from lightning_optim.param_groups import ParamGroups, param_groups
 from lightning_optim.spam import SPAM
 from lightning_optim.stable_spam import StableSPAM
+from lightning_optim.state_adapters import StateAdapter, register_state_adapter, state_adapter
 
 __version__ = "0.1.0"
 
@@ -20,5 +21,8 @@ __all__ = [
     "AdaptiveMomentumAdamW",
     "ParamGroups",
     "param_groups",
+    "StateAdapter",
+    "state_adapter",
+    "register_state_adapter",
     "__version__",
 ]

@@ -46,14 +46,17 @@ def spam_schedule(step: int, reset_interval: int, warmup_steps: int) -> tuple[in
     return k, is_reset, scale
 
 
-def spike_clip_(grads: list[Tensor], exp_avg_sqs: list[Tensor], threshold: float) -> None:
+def spike_clip_(grads: list[Tensor], exp_avg_sqs: list[Tensor], threshold: float, scale: Tensor | None = None) -> None:
     """SPAM's element-wise spike clip, in place and sync-free: where g^2 > threshold * v, g <- sign(g) sqrt(threshold * v).
 
     Written as a clamp of g to [-sqrt(threshold v), sqrt(threshold v)], which selects the same entries
     and gives the same values as the masked form with two multi-tensor ops and no boolean indexing.
+    ``scale`` (a device tensor) multiplies the bound, for gradients that still carry a GradScaler's scale.
     """
     bound = torch._foreach_mul(exp_avg_sqs, threshold)
     torch._foreach_sqrt_(bound)
+    if scale is not None:
+        torch._foreach_mul_(bound, scale)
     torch._foreach_minimum_(grads, bound)
     torch._foreach_neg_(bound)
     torch._foreach_maximum_(grads, bound)

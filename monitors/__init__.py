@@ -1,3 +1,39 @@
-"""Pure-torch stability statistics (``lightning_optim.monitors``); imports torch only, never Lightning."""
+"""Pure-torch stability statistics (``lightning_optim.monitors``); imports torch only, never Lightning.
 
-__all__: list[str] = []
+Here live the sync-free spike statistic :class:`ZScore` and :func:`global_grad_norm` that the spike
+callbacks feed every step, the numerical-stability helpers (softmax collapse fraction, the ⊥Grad transform
+and its alignment :func:`nlm_cosine`, StableMax and its cross-entropy, the opposing-signals
+:func:`loss_delta_stats`) and, in :mod:`~lightning_optim.monitors.tags`, the TensorBoard tag convention:
+every scalar is logged under ``stability/...`` (e.g. ``stability/grad_norm_z``) or ``quant/...``
+(e.g. ``quant/mmr/blocks.3``), with ``/opt<i>`` appended for optimizer ``i >= 1``. Values stay on the
+device; callbacks copy them to the host once per logging step (shared/specs/monitors.md).
+"""
+
+from __future__ import annotations
+
+from lightning_optim.monitors import tags
+from lightning_optim.monitors.grad_norm import global_grad_norm
+from lightning_optim.monitors.numerics import (
+    loss_delta_stats,
+    nlm_cosine,
+    perpendicular_grad_,
+    softmax_collapse_fraction,
+    stablemax,
+    stablemax_cross_entropy,
+)
+from lightning_optim.monitors.tags import layer_group, tag_for
+from lightning_optim.monitors.zscore import ZScore
+
+__all__ = [
+    "ZScore",
+    "global_grad_norm",
+    "softmax_collapse_fraction",
+    "perpendicular_grad_",
+    "nlm_cosine",
+    "stablemax",
+    "stablemax_cross_entropy",
+    "loss_delta_stats",
+    "tags",
+    "tag_for",
+    "layer_group",
+]

@@ -1,0 +1,148 @@
+"""AdaptiveMomentum: the adaptive-memory-momentum coefficient applied to an existing optimizer's EMA."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_optim._base import check_range
+from lightning_optim.adaptive_momentum import _pull_towards_gradient_, _weighted_sq_sum, adaptive_beta, effective_beta
+from lightning_optim.callbacks._base import StabilityCallback, StepContext
+from lightning_optim.callbacks._pipeline import StepRecord
+from lightning_optim.monitors import tags
+from lightning_optim.spam import SPAM
+
+_SUPPORTED = "torch.optim.SGD (momentum > 0, dampening == momentum, nesterov=False), torch.optim.Adam, torch.optim.AdamW, lightning_optim.SPAM"
+
+
+class AdaptiveMomentum(StabilityCallback):
+    """Adaptive Memory Momentum (Topollai & Choromanska, arXiv 2510.04988) for an optimizer you already use.
+
+    Each optimizer step (after AMP unscaling and the other stability stages), with g′ the gradient the
+    first moment will consume (−g under ``maximize``, plus wd·θ for coupled weight decay) and d the
+    optimizer's first moment (SGD ``momentum_buffer``, Adam ``exp_avg``), over all parameters at once:
+
+        A = ⟨g′, g′⟩_P,  B = ⟨d − g′, d − g′⟩_P,  β* = clip((1 + λ)·A/B − λ, 0, β_max)  (0 when B = 0)
+        β_eff = (β* + λ)/(1 + λ)
+
+    with P = 1 for SGD and P = 1/(√v̂′ + ε) for Adam (v′ = β2·v + (1 − β2)·g′², v̂′ = v′/(1 − β2^(t+1))).
+    The optimizer's own β0 (``momentum`` or ``betas[0]``) is left untouched: the memory is pre-mixed in
+    place, d ← (β_eff·d + (β0 − β_eff)·g′)/β0, so the optimizer's update d ← β0·d + (1 − β0)·g′ yields
+    exactly β_eff·d + (1 − β_eff)·g′. Sync-free (β never reaches the host), and the same for foreach and
+    fused kernels. Nothing happens for a parameter before its first moment exists. Torch's Adam still
+    divides exp_avg by 1 − β0^t, unlike :class:`lightning_optim.AdaptiveMomentumAdamW`.
+    SGD(momentum=dampening=μ0) + this callback equals :class:`lightning_optim.AdaptiveMomentumSGD`.
+    Logs ``stability/beta1`` (β_eff). Quantized first moments and other optimizers raise at fit start.
+
+    Args:
+        memory_weight: λ ≥ 0 (default 0.1).
+        beta_max: β_max in [0, 1) (default 0.9).
+    """
+
+    stage_order = 3
+
+    def __init__(self, memory_weight: float = 0.1, beta_max: float = 0.9) -> None:
+        super().__init__()
+        check_range("memory_weight", memory_weight, 0.0)
+        check_range("beta_max", beta_max, 0.0, 1.0, high_open=True)
+        self.memory_weight = float(memory_weight)
+        self.beta_max = float(beta_max)
+        self._beta: dict[int, Tensor] = {}
+
+    def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        _kind(optimizer)
+
+    def before_step(self, ctx: StepContext) -> None:
+        beta = self.premix_(ctx.optimizer, ctx.amp_scale)
+        if beta is not None:
+            self._beta[ctx.record.index] = beta
+
+    @torch.no_grad()
+    def premix_(self, optimizer: torch.optim.Optimizer, amp_scale: Tensor | None = None) -> Tensor | None:
+        """Pre-mix the first moments of ``optimizer`` for its next step; returns β_eff (a device tensor).
+
+        Usable without Lightning: call it after ``backward()`` and before ``optimizer.step()``.
+        """
+        kind = _kind(optimizer)
+        memories, grads, weights, beta0s = [], [], [], []
+        for group in optimizer.param_groups:
+            beta0 = float(group["momentum"] if kind == "sgd" else group["betas"][0])
+            decay = _coupled_decay(optimizer, group)
+            for p in group["params"]:
+                state = optimizer.state.get(p)
+                key = "momentum_buffer" if kind == "sgd" else "exp_avg"
+                if p.grad is None or not state or state.get(key) is None:
+                    continue
+                g = _consumed_gradient(p, decay, group.get("maximize", False), amp_scale)
+                memories.append(state[key])
+                grads.append(g)
+                beta0s.append(beta0)
+                if kind == "adam":
+                    weights.append(_adam_denominator(state, g, group))
+        if not memories:
+            return None
+        diffs = torch._foreach_sub(memories, grads)
+        sq_grad = _weighted_sq_sum(grads, weights or None)
+        sq_diff = _weighted_sq_sum(diffs, weights or None)
+        beta_eff = effective_beta(adaptive_beta(sq_grad, sq_diff, self.memory_weight, self.beta_max), self.memory_weight)
+        # d ← (β_eff·d + (β0 − β_eff)·g′)/β0 = d − ((β0 − β_eff)/β0)·(d − g′), per group's β0
+        for beta0 in sorted(set(beta0s)):
+            idx = [i for i, b in enumerate(beta0s) if b == beta0]
+            weight = (beta0 - beta_eff) / beta0
+            _pull_towards_gradient_([memories[i] for i in idx], [diffs[i] for i in idx], weight)
+        return beta_eff
+
+    def metrics(self, record: StepRecord) -> dict[str, Tensor | float]:
+        beta = self._beta.get(record.index)
+        return {} if beta is None else {tags.BETA1: beta}
+
+
+def _kind(optimizer: torch.optim.Optimizer) -> str:
+    name = type(optimizer).__name__
+    if type(optimizer) is torch.optim.SGD:
+        for group in optimizer.param_groups:
+            if not group["momentum"] > 0 or group["dampening"] != group["momentum"] or group["nesterov"]:
+                raise ValueError(
+                    "AdaptiveMomentum needs torch.optim.SGD with momentum > 0, dampening == momentum and "
+                    f"nesterov=False (got momentum={group['momentum']}, dampening={group['dampening']}, "
+                    f"nesterov={group['nesterov']})."
+                )
+        return "sgd"
+    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW, SPAM):
+        for group in optimizer.param_groups:
+            if not float(group["betas"][0]) > 0:
+                raise ValueError(f"AdaptiveMomentum needs betas[0] > 0 for {name} (got {group['betas'][0]}).")
+            if group.get("state_bits", 32) != 32:
+                raise NotImplementedError(f"AdaptiveMomentum cannot pre-mix the quantized first moment of {name}.")
+        return "adam"
+    raise TypeError(f"AdaptiveMomentum does not support {name}; supported: {_SUPPORTED}.")
+
+
+def _consumed_gradient(p: Tensor, coupled_decay: float, maximize: bool, amp_scale: Tensor | None) -> Tensor:
+    """g′: the gradient the optimizer's first moment will consume at this step."""
+    g = p.grad if amp_scale is None else p.grad / amp_scale
+    if maximize:
+        g = -g
+    if coupled_decay:
+        g = g + coupled_decay * p.detach()
+    return g
+
+
+def _coupled_decay(optimizer: torch.optim.Optimizer, group: dict) -> float:
+    """Weight decay that torch adds to the gradient before the first moment (SGD, Adam; not AdamW, SPAM)."""
+    coupled = type(optimizer) is torch.optim.SGD or (
+        type(optimizer) is torch.optim.Adam and not group.get("decoupled_weight_decay", False)
+    )
+    return float(group.get("weight_decay", 0.0)) if coupled else 0.0
+
+
+def _adam_denominator(state: dict, g: Tensor, group: dict) -> Tensor:
+    """√v̂′ + ε with v′ = β2·v + (1 − β2)·g′² and v̂′ = v′/(1 − β2^(t+1)), t the stored step."""
+    beta2 = float(group["betas"][1])
+    v = state["exp_avg_sq"] * beta2 + (1 - beta2) * g.square()
+    step = state["step"]
+    if isinstance(step, Tensor) and step.device.type != "cpu":
+        bias = 1 - torch.pow(beta2, step + 1)  # fused/capturable: the step lives on the device
+        return (v / bias).sqrt_().add_(group["eps"])
+    bias = 1 - beta2 ** (float(step) + 1)  # a CPU tensor or number: no device sync
+    return (v / bias).sqrt_().add_(group["eps"])

@@ -1,0 +1,429 @@
+"""State adapters: read and exactly reset the moments an optimizer keeps per parameter.
+
+Callbacks such as spike-aware clipping (against the raw second moment), momentum reset and the QAT
+moment reset work with optimizers they did not build. ``state_adapter(optimizer)`` returns the
+:class:`StateAdapter` for an optimizer (its class looked up along the MRO, then a rule for
+bitsandbytes), whose methods take one per-parameter state dict (``optimizer.state[p]``, or an entry of
+``optimizer.state_dict()["state"]``). :func:`register_state_adapter` adds one for another class.
+
+Covered (state keys):
+
+==============================================  ===============  ============  ====================
+optimizer                                       first moment     second        also reset
+==============================================  ===============  ============  ====================
+torch.optim.Adam, AdamW                         exp_avg          exp_avg_sq    max_exp_avg_sq
+torch.optim.NAdam, RAdam                        exp_avg          exp_avg_sq    -- (mu_product kept)
+torch.optim.Adamax                              exp_avg          exp_inf ** 2  --
+torch.optim.SGD                                 momentum_buffer  --            --
+torch.optim.RMSprop                             momentum_buffer  square_avg    grad_avg
+SPAM, StableSPAM, AdaptiveMomentumAdamW         exp_avg          exp_avg_sq    --
+AdaptiveMomentumSGD                             momentum_buffer  --            --
+bitsandbytes adam, lamb (Adam*, AdamW*, LAMB*)  state1           state2        --
+bitsandbytes lion, momentum (SGD*), lars        state1           --            --
+bitsandbytes rmsprop                            --               state1        --
+==============================================  ===============  ============  ====================
+
+Contract: reads give the dequantized value (the live tensor itself when stored unquantized); the second
+moment is the raw (not bias-corrected) EMA of g², comparable to ``grad ** 2``. ``reset_`` makes the
+moments exactly +0 (NaN and Inf included: values are overwritten, never multiplied by 0) and never
+touches ``step`` or other bias-correction bookkeeping. With a ``mask`` (0-dim bool tensor on the
+state's device) the reset is decided on the device: no host sync, no Python branch on the mask.
+Quantized moments: our 8-bit layout (``<key>_codes`` uint8 + ``<key>_absmax`` fp32, 256-blocks,
+shared/specs/low_bit_and_qat.md) and bitsandbytes' (``state1``/``state2`` uint8 + ``qmap*`` +
+``absmax*``, also nested under ``"__bnb_optimizer_quant_state__"`` as in bitsandbytes' ``state_dict``).
+Deliberately unregistered: Adagrad (torch and bitsandbytes; zeroing ``sum`` would restart its
+learning-rate decay rather than forget stale statistics) and bitsandbytes AdEMAMix (two stacked
+first moments). This module never imports bitsandbytes: its optimizers are recognised by module name
+and ``optimizer_name``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = [
+    "BitsAndBytesStateAdapter",
+    "KeyedStateAdapter",
+    "StateAdapter",
+    "iter_states",
+    "register_state_adapter",
+    "state_adapter",
+]
+
+BLOCK_SIZE = 256  # block of both our 8-bit layout and bitsandbytes' blockwise 8-bit states
+BNB_NESTED_KEY = "__bnb_optimizer_quant_state__"
+_ZERO_CODE = {True: 127, False: 0}  # index of the exact 0 in our signed / unsigned dynamic map
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+def _check_mask(mask: Tensor | None) -> None:
+    # Metadata only: checking the value would sync.
+    if mask is not None and not (isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.dim() == 0):
+        raise ValueError(f"Invalid mask: expected None or a 0-dim bool tensor, got {mask!r}.")
+
+
+def _zero_(tensor: Tensor, mask: Tensor | None) -> None:
+    # masked_fill_ overwrites NaN/Inf (a multiply by 0 would keep them); the 0-dim mask broadcasts on the device.
+    if mask is None:
+        tensor.zero_()
+    else:
+        tensor.masked_fill_(mask, 0)
+
+
+def _fill_codes_(codes: Tensor, zero_code: int | Tensor, mask: Tensor | None) -> None:
+    if isinstance(zero_code, int):
+        if mask is None:
+            codes.fill_(zero_code)
+        else:
+            codes.masked_fill_(mask, zero_code)
+    else:  # a device tensor: masked_fill_ with a tensor value reads it on the host, torch.where does not
+        codes.copy_(zero_code.expand_as(codes) if mask is None else torch.where(mask, zero_code, codes))
+
+
+def _dequantize(codes: Tensor, absmax: Tensor, qmap: Tensor) -> Tensor:
+    """qmap[code] · absmax of the code's 256-block (the last block may be shorter), in fp32, sync-free."""
+    n = codes.numel()
+    values = qmap.index_select(0, codes.reshape(-1).long())
+    # expand instead of repeat_interleave: the latter computes its output size on the host
+    scale = absmax.reshape(-1, 1).expand(-1, BLOCK_SIZE).reshape(-1)[:n]
+    return (values * scale).reshape(codes.shape)
+
+
+_MAPS: dict[tuple[bool, torch.device], Tensor] = {}
+
+
+def _dynamic_map(signed: bool, device: torch.device) -> Tensor:
+    """The 8-bit dynamic tree map of low_bit_and_qat.md A.2 (= bitsandbytes ``create_dynamic_map``), cached."""
+    key = (signed, device)
+    if key not in _MAPS:
+        parts = [torch.tensor([0.0, 1.0])]
+        for i in range(7):
+            bounds = torch.linspace(0.1, 1, (2**i if signed else 2 ** (i + 1)) + 1, dtype=torch.float32)
+            means = (10 ** (i - 6)) * ((bounds[:-1] + bounds[1:]) / 2.0)
+            parts += [means, -means] if signed else [means]
+        qmap = torch.cat(parts).sort().values
+        # Built on the CPU: the check reads host memory, not the device.
+        if len(qmap) != 256 or qmap.tolist()[_ZERO_CODE[signed]] != 0.0:
+            raise AssertionError("dynamic map has no exact 0 at its zero code")
+        _MAPS[key] = qmap.to(device)
+    return _MAPS[key]
+
+
+_BNB_ZERO_CODES: dict[tuple[int, torch.device], tuple[Tensor, int, Tensor]] = {}
+
+
+def _bnb_zero_code(qmap: Tensor) -> Tensor:
+    """Index of the entry of smallest magnitude (the exact 0 of bitsandbytes' maps) as a uint8 device tensor.
+
+    argmin stays on the device (no sync). Cached per map tensor; the cached entry holds the map, so its
+    address cannot be reused by another tensor while the entry lives. Bounded: after load_state_dict
+    bitsandbytes holds one map copy per parameter.
+    """
+    key = (qmap.data_ptr(), qmap.device)
+    hit = _BNB_ZERO_CODES.get(key)
+    if hit is not None and hit[0] is qmap and hit[1] == qmap._version:
+        return hit[2]
+    if len(_BNB_ZERO_CODES) >= 256:
+        _BNB_ZERO_CODES.clear()
+    code = qmap.abs().argmin().to(torch.uint8)
+    _BNB_ZERO_CODES[key] = (qmap, qmap._version, code)
+    return code
+
+
+# -- adapters ------------------------------------------------------------------------------------------
+class StateAdapter:
+    """Reads and exactly resets the moments kept in one optimizer's per-parameter state dicts.
+
+    Subclass it (override :meth:`first_moment`, :meth:`second_moment`, :meth:`reset_`, and :meth:`step`
+    if the count is not under ``"step"``) and register an instance with :func:`register_state_adapter`.
+    ``quantized`` says whether moments may be stored quantized (then reads return dequantized copies).
+    """
+
+    quantized: bool = False
+    name: str = "optimizer"
+
+    @property
+    def has_first_moment(self) -> bool:
+        """Whether the optimizer may keep a first moment (reads can still give None, e.g. SGD without momentum)."""
+        return type(self).first_moment is not StateAdapter.first_moment
+
+    @property
+    def has_second_moment(self) -> bool:
+        """Whether the optimizer may keep a second moment (a spike clip needs one)."""
+        return type(self).second_moment is not StateAdapter.second_moment
+
+    def first_moment(self, state: dict[str, Any]) -> Tensor | None:
+        """First moment (dequantized fp32 copy, or the live tensor); None if none is kept or the state is empty."""
+        return None
+
+    def second_moment(self, state: dict[str, Any]) -> Tensor | None:
+        """Raw (not bias-corrected) EMA of g², comparable to ``grad ** 2``; None if none is kept."""
+        return None
+
+    def step(self, state: dict[str, Any]) -> Tensor | int | float | None:
+        """The step count as stored (CPU or device tensor, or a Python number); None if absent."""
+        return state.get("step")
+
+    def reset_(self, state: dict[str, Any], mask: Tensor | None = None) -> None:
+        """Set the moments to exact zeros (where ``mask`` is True, decided on the device); ``step`` untouched."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement reset_.")
+
+    def writable_first_moment(self, state: dict[str, Any]) -> Tensor | None:
+        """The live first-moment tensor the optimizer updates in place (for callbacks that rewrite it)."""
+        if self.quantized:
+            raise NotImplementedError(f"{self.name} stores its first moment quantized: there is no live tensor.")
+        return self.first_moment(state)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name})"
+
+
+class KeyedStateAdapter(StateAdapter):
+    """Adapter for optimizers that keep each moment as one tensor under a key (torch.optim and ours).
+
+    Args:
+        name: optimizer name used in messages. first, second: keys of the first and second moment (None:
+        not kept). also_reset: further moment keys zeroed by a reset (amsgrad's ``max_exp_avg_sq``,
+        centred RMSprop's ``grad_avg``; unsigned map if stored in 8 bits). second_is_inf_norm: the second
+        key holds Adamax's infinity-norm EMA u = max(β2·u, |g| + ε); ``second_moment`` returns u², its
+        analogue of the EMA of g² (a copy).
+
+    A moment stored in our 8-bit layout (``<key>_codes`` uint8, ``<key>_absmax`` fp32 per 256-block;
+    signed map for the first moment, unsigned for the second) is read dequantized and reset by setting
+    every code to the map's zero (127 signed, 0 unsigned) and every absmax to 0: the dequantized value is
+    then exactly 0 even where absmax had become Inf or NaN.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        first: str | None = None,
+        second: str | None = None,
+        *,
+        also_reset: tuple[str, ...] = (),
+        second_is_inf_norm: bool = False,
+    ) -> None:
+        self.name = name
+        self.first = first
+        self.second = second
+        self.also_reset = tuple(also_reset)
+        self.second_is_inf_norm = second_is_inf_norm
+
+    def _read(self, state: dict[str, Any], key: str | None, signed: bool) -> Tensor | None:
+        if key is None:
+            return None
+        codes = state.get(f"{key}_codes")
+        if codes is not None:
+            return _dequantize(codes, state[f"{key}_absmax"], _dynamic_map(signed, codes.device))
+        return state.get(key)  # None for torch SGD without momentum
+
+    @property
+    def has_first_moment(self) -> bool:
+        return self.first is not None
+
+    @property
+    def has_second_moment(self) -> bool:
+        return self.second is not None
+
+    def first_moment(self, state: dict[str, Any]) -> Tensor | None:
+        return self._read(state, self.first, signed=True)
+
+    def second_moment(self, state: dict[str, Any]) -> Tensor | None:
+        value = self._read(state, self.second, signed=False)
+        return value.square() if value is not None and self.second_is_inf_norm else value
+
+    def reset_(self, state: dict[str, Any], mask: Tensor | None = None) -> None:
+        _check_mask(mask)
+        keys = [(self.first, True), (self.second, False)] + [(key, False) for key in self.also_reset]
+        for key, signed in keys:
+            if key is None:
+                continue
+            if f"{key}_codes" in state:
+                _fill_codes_(state[f"{key}_codes"], _ZERO_CODE[signed], mask)
+                _zero_(state[f"{key}_absmax"], mask)
+            elif isinstance(state.get(key), Tensor):
+                _zero_(state[key], mask)
+
+    def writable_first_moment(self, state: dict[str, Any]) -> Tensor | None:
+        if self.first is not None and f"{self.first}_codes" in state:
+            raise NotImplementedError(
+                f"{self.name} stores its first moment '{self.first}' in 8 bits ('{self.first}_codes'): "
+                "there is no live fp32 tensor to write; read it with first_moment and reset it with reset_."
+            )
+        return self.first_moment(state)
+
+
+class BitsAndBytesStateAdapter(StateAdapter):
+    """Adapter for bitsandbytes optimizers (0.50.x): moments under ``state1``/``state2``.
+
+    Each is fp32 (32-bit optimizers, and parameters below ``min_8bit_size`` = 4096 elements) or uint8
+    codes with ``qmap1``/``qmap2`` (256 values) and ``absmax1``/``absmax2`` (one fp32 per 256-block).
+    ``step`` is a Python int. ``state_dict()`` moves these tensors (not ``step``) into a nested dict under
+    ``"__bnb_optimizer_quant_state__"``; it is looked at first. bitsandbytes' ``state_dict`` shares the
+    live tensors (a shallow copy), so resetting a fresh ``state_dict()`` resets the live optimizer too.
+
+    Read: qmap[code]·absmax per block. Reset: codes ← index of 0 in that qmap (found on the device),
+    absmax ← 0; fp32 states zeroed. bitsandbytes' own fresh state is codes 0, absmax 0: the same value.
+    """
+
+    quantized = True
+
+    def __init__(self, name: str, first: str | None = "state1", second: str | None = "state2") -> None:
+        self.name = name
+        self.first = first
+        self.second = second
+
+    @staticmethod
+    def _tensors(state: dict[str, Any]) -> dict[str, Any]:
+        nested = state.get(BNB_NESTED_KEY)
+        return nested if isinstance(nested, dict) else state
+
+    def _read(self, state: dict[str, Any], key: str | None) -> Tensor | None:
+        tensors = self._tensors(state)
+        value = tensors.get(key) if key is not None else None
+        if value is None or value.dtype != torch.uint8:
+            return value
+        i = key[-1]  # "state1" -> qmap1/absmax1
+        return _dequantize(value, tensors[f"absmax{i}"], tensors[f"qmap{i}"])
+
+    @property
+    def has_first_moment(self) -> bool:
+        return self.first is not None
+
+    @property
+    def has_second_moment(self) -> bool:
+        return self.second is not None
+
+    def first_moment(self, state: dict[str, Any]) -> Tensor | None:
+        return self._read(state, self.first)
+
+    def second_moment(self, state: dict[str, Any]) -> Tensor | None:
+        return self._read(state, self.second)
+
+    def reset_(self, state: dict[str, Any], mask: Tensor | None = None) -> None:
+        _check_mask(mask)
+        tensors = self._tensors(state)
+        for key in (self.first, self.second):
+            value = tensors.get(key) if key is not None else None
+            if value is None:
+                continue
+            if value.dtype == torch.uint8:
+                i = key[-1]
+                _fill_codes_(value, _bnb_zero_code(tensors[f"qmap{i}"]), mask)
+                _zero_(tensors[f"absmax{i}"], mask)  # also clears an Inf/NaN absmax
+            else:
+                _zero_(value, mask)
+
+    def writable_first_moment(self, state: dict[str, Any]) -> Tensor | None:
+        value = self._tensors(state).get(self.first) if self.first is not None else None
+        if value is not None and value.dtype == torch.uint8:
+            raise NotImplementedError(
+                f"{self.name} (bitsandbytes) stores its first moment in 8 bits: there is no live fp32 tensor "
+                "to write; read it with first_moment and reset it with reset_."
+            )
+        return value
+
+
+# -- registry ------------------------------------------------------------------------------------------
+_REGISTRY: dict[type, StateAdapter] = {}
+
+# bitsandbytes ``optimizer_name`` -> (first, second) key; recognised without importing bitsandbytes.
+_BNB_KEYS: dict[str, tuple[str | None, str | None]] = {
+    "adam": ("state1", "state2"),
+    "lamb": ("state1", "state2"),
+    "lion": ("state1", None),
+    "momentum": ("state1", None),
+    "lars": ("state1", None),
+    "rmsprop": (None, "state1"),
+}
+_BNB_ADAPTERS: dict[type, BitsAndBytesStateAdapter] = {}
+
+_NOT_REGISTERED_WHY = {
+    "Adagrad": " Adagrad is left unregistered on purpose: zeroing its 'sum' would restart its learning-rate "
+    "decay rather than forget stale statistics.",
+}
+
+
+def register_state_adapter(optimizer_cls: type, adapter: StateAdapter) -> None:
+    """Use ``adapter`` for ``optimizer_cls`` and its subclasses (replacing any earlier registration)."""
+    if not isinstance(optimizer_cls, type):
+        raise TypeError(f"optimizer_cls must be a class, got {optimizer_cls!r}.")
+    if not isinstance(adapter, StateAdapter):
+        raise TypeError(f"adapter must be a StateAdapter instance, got {adapter!r}.")
+    _REGISTRY[optimizer_cls] = adapter
+
+
+def state_adapter(optimizer: Optimizer) -> StateAdapter:
+    """The adapter for ``optimizer``: its class's registration along the MRO, else the bitsandbytes rule.
+
+    Raises ``TypeError`` naming the class and its state keys when none applies.
+    """
+    cls = type(optimizer)
+    for klass in cls.__mro__:
+        if klass in _REGISTRY:
+            return _REGISTRY[klass]
+    bnb_name = getattr(optimizer, "optimizer_name", None)
+    if cls.__module__.startswith("bitsandbytes.") and bnb_name in _BNB_KEYS:
+        if cls not in _BNB_ADAPTERS:  # one instance per class, named after it for error messages
+            _BNB_ADAPTERS[cls] = BitsAndBytesStateAdapter(cls.__name__, *_BNB_KEYS[bnb_name])
+        return _BNB_ADAPTERS[cls]
+    keys = sorted({str(k) for s in getattr(optimizer, "state", {}).values() if isinstance(s, dict) for k in s})
+    found = ", ".join(repr(k) for k in keys) if keys else "no state yet"
+    raise TypeError(
+        f"No state adapter is registered for optimizer {cls.__module__}.{cls.__qualname__} "
+        f"(state keys: {found}).{_NOT_REGISTERED_WHY.get(cls.__name__, '')} Register one with "
+        "lightning_optim.register_state_adapter(MyOptimizer, adapter), where adapter is a StateAdapter "
+        "subclass instance, e.g. lightning_optim.state_adapters.KeyedStateAdapter('MyOptimizer', "
+        "first='exp_avg', second='exp_avg_sq')."
+    )
+
+
+def iter_states(optimizer: Optimizer) -> Iterator[tuple[dict[str, Any], Tensor, dict[str, Any]]]:
+    """(group, param, state) for every parameter of every group whose state is not empty."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)  # .get: do not create entries in the defaultdict
+            if state:
+                yield group, p, state
+
+
+def _register_builtin() -> None:
+    from lightning_optim.adaptive_momentum import (
+        AdaptiveMomentumAdamW,
+        AdaptiveMomentumSGD,
+    )
+    from lightning_optim.spam import SPAM
+    from lightning_optim.stable_spam import StableSPAM
+
+    adam = ("exp_avg", "exp_avg_sq")
+    # amsgrad's running max is a second-moment statistic: a reset that kept it would keep the old scale.
+    for cls in (torch.optim.Adam, torch.optim.AdamW):
+        adapter = KeyedStateAdapter(f"torch.optim.{cls.__name__}", *adam, also_reset=("max_exp_avg_sq",))
+        register_state_adapter(cls, adapter)
+    # NAdam's mu_product is bias-correction bookkeeping like step: kept.
+    for cls in (torch.optim.NAdam, torch.optim.RAdam):
+        register_state_adapter(cls, KeyedStateAdapter(f"torch.optim.{cls.__name__}", *adam))
+    register_state_adapter(
+        torch.optim.Adamax, KeyedStateAdapter("torch.optim.Adamax", "exp_avg", "exp_inf", second_is_inf_norm=True)
+    )
+    register_state_adapter(torch.optim.SGD, KeyedStateAdapter("torch.optim.SGD", "momentum_buffer"))
+    # RMSprop has no bias correction: right after a reset its steps are ~1/sqrt(1 - alpha) times larger.
+    register_state_adapter(
+        torch.optim.RMSprop,
+        KeyedStateAdapter("torch.optim.RMSprop", "momentum_buffer", "square_avg", also_reset=("grad_avg",)),
+    )
+    register_state_adapter(SPAM, KeyedStateAdapter("SPAM", *adam))
+    # StableSPAM's own reset zeroes exp_avg, exp_avg_sq and its Adam count k ("step") and keeps m_max,
+    # m_norm, v_norm and stat_step (spec: the statistics survive resets). The adapter zeroes the same
+    # moments and keeps the statistics; "step" stays untouched as for every optimizer.
+    register_state_adapter(StableSPAM, KeyedStateAdapter("StableSPAM", *adam))
+    register_state_adapter(AdaptiveMomentumAdamW, KeyedStateAdapter("AdaptiveMomentumAdamW", *adam))
+    register_state_adapter(AdaptiveMomentumSGD, KeyedStateAdapter("AdaptiveMomentumSGD", "momentum_buffer"))
+
+
+_register_builtin()
