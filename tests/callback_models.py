@@ -77,6 +77,7 @@ def fit(
     max_steps: int,
     root: Path | None = None,
     ckpt_path: str | None = None,
+    datamodule: pl.LightningDataModule | None = None,
     **trainer_kwargs: Any,
 ) -> pl.Trainer:
     kwargs = dict(
@@ -92,7 +93,7 @@ def fit(
     )
     kwargs.update(trainer_kwargs)
     trainer = pl.Trainer(callbacks=callbacks, **kwargs)
-    trainer.fit(module, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return trainer
 
 
