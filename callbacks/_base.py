@@ -67,8 +67,11 @@ class StabilityCallback(Callback):
         self._trainer = trainer
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for optimizer in trainer.optimizers:
+        for index, optimizer in enumerate(trainer.optimizers):
             self.check_optimizer(optimizer)
+            # register the step hooks now: Lightning runs the closure (and so our pipeline) inside
+            # optimizer.step, after the pre-hooks of that call have already run
+            record_for(optimizer, index)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer

@@ -53,15 +53,19 @@ class AdaptiveMomentum(StabilityCallback):
         _kind(optimizer)
 
     def before_step(self, ctx: StepContext) -> None:
-        beta = self.premix_(ctx.optimizer, ctx.amp_scale)
+        # under a GradScaler a non-finite step is skipped by the scaler after this hook: keep it out of d
+        beta = self.premix_(ctx.optimizer, ctx.amp_scale, keep_if_nonfinite=ctx.grad_scaler)
         if beta is not None:
             self._beta[ctx.record.index] = beta
 
     @torch.no_grad()
-    def premix_(self, optimizer: torch.optim.Optimizer, amp_scale: Tensor | None = None) -> Tensor | None:
+    def premix_(
+        self, optimizer: torch.optim.Optimizer, amp_scale: Tensor | None = None, keep_if_nonfinite: bool = False
+    ) -> Tensor | None:
         """Pre-mix the first moments of ``optimizer`` for its next step; returns β_eff (a device tensor).
 
         Usable without Lightning: call it after ``backward()`` and before ``optimizer.step()``.
+        ``keep_if_nonfinite``: leave d untouched (one select per tensor) when the gradient is not finite.
         """
         kind = _kind(optimizer)
         memories, grads, weights, beta0s = [], [], [], []
@@ -86,10 +90,18 @@ class AdaptiveMomentum(StabilityCallback):
         sq_diff = _weighted_sq_sum(diffs, weights or None)
         beta_eff = effective_beta(adaptive_beta(sq_grad, sq_diff, self.memory_weight, self.beta_max), self.memory_weight)
         # d ← (β_eff·d + (β0 − β_eff)·g′)/β0 = d − ((β0 − β_eff)/β0)·(d − g′), per group's β0
+        finite = torch.isfinite(sq_grad) & torch.isfinite(sq_diff)
         for beta0 in sorted(set(beta0s)):
             idx = [i for i, b in enumerate(beta0s) if b == beta0]
             weight = (beta0 - beta_eff) / beta0
-            _pull_towards_gradient_([memories[i] for i in idx], [diffs[i] for i in idx], weight)
+            group_memories = [memories[i] for i in idx]
+            if keep_if_nonfinite:
+                mixed = [d.clone() for d in group_memories]
+                _pull_towards_gradient_(mixed, [diffs[i] for i in idx], weight)
+                for d, new in zip(group_memories, mixed):
+                    torch.where(finite, new, d, out=d)
+            else:
+                _pull_towards_gradient_(group_memories, [diffs[i] for i in idx], weight)
         return beta_eff
 
     def metrics(self, record: StepRecord) -> dict[str, Tensor | float]:
