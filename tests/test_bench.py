@@ -54,3 +54,16 @@ def test_optimizer_step_bench_cpu(bench, tmp_path: Path) -> None:
     assert rows["spam"]["bytes_per_param"] == rows["adamw_foreach"]["bytes_per_param"]
     assert rows["spam"]["bytes_per_param"] == pytest.approx(8.0, abs=1e-2)
     assert rows["am_sgd"]["bytes_per_param"] == pytest.approx(4.0, abs=1e-2)
+
+
+def test_callback_overhead_bench_cpu_smoke(tmp_path: Path) -> None:
+    path = BENCH.with_name("callback_overhead.py")
+    spec = importlib.util.spec_from_file_location("bench_callback_overhead", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "c.json"
+    argv = ["--device", "cpu", "--size", "tiny", "--seq-len", "32", "--batch-size", "4", "--steps", "3",
+            "--warmup", "2", "--only", "all_ours", "--out", str(out)]
+    result = module.main(argv)
+    assert [r["name"] for r in result["results"]] == ["none", "all_ours"]
+    assert json.loads(out.read_text())["results"][1]["steps"] == 3

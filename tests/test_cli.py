@@ -55,6 +55,9 @@ def test_example_config_fits_and_logs_training_loss(config: Path, tmp_path: Path
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     losses = _scalars(tmp_path / "logs", "train/loss")
     assert len(losses) >= 3 and all(math.isfinite(x) for x in losses), losses
+    if "stability" in config.stem:  # the callbacks came from YAML and log under stability/
+        for tag in ("stability/grad_norm", "stability/spikes", "stability/beta1", "stability/clipped_fraction"):
+            assert len(_scalars(tmp_path / "logs", tag)) >= 3, tag
 
 
 def test_short_optimizer_name_resolves() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -130,3 +131,39 @@ def test_hf_llama_trains(name: str) -> None:
 
     torch.manual_seed(0)
     _assert_learns(_fit(HFLlama(), StdlibTextDataModule(seq_len=256, batch_size=16), name))
+
+
+class _SyncDebugBetweenLogs(pl.Callback):
+    """Turns sync debugging to "error" for every step that is not a logging step (issue 3, §3)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        torch.cuda.synchronize()
+        logging = trainer._logger_connector.should_update_logs
+        torch.cuda.set_sync_debug_mode(0 if logging or trainer.global_step < 2 else "error")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.gpu
+def test_stability_callbacks_are_sync_free_between_logging_steps() -> None:
+    """A fit with all four callbacks (AdamW fused and foreach) raises nothing under set_sync_debug_mode("error")."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_optim.callbacks import AdaptiveMomentum, MomentumReset, SpikeAwareClipping, SpikeGuard
+    from lightning_optim.examples.gpt import GPT, StdlibTextDataModule
+
+    for fused in (False, True):
+        model = GPT(size="small", seq_len=64)
+        model.configure_optimizers = lambda m=model, f=fused: torch.optim.AdamW(m.parameters(), lr=1e-3, fused=f)
+        callbacks = [
+            SpikeGuard(warmup_steps=5), MomentumReset(interval=10, warmup_steps=4), SpikeAwareClipping(clip_delay=3),
+            AdaptiveMomentum(), _SyncDebugBetweenLogs(),
+        ]
+        trainer = pl.Trainer(
+            accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=30, log_every_n_steps=10,
+            logger=CSVLogger("/tmp/sync_debug_logs"), enable_checkpointing=False, enable_progress_bar=False,
+            limit_val_batches=0, callbacks=callbacks,
+        )
+        trainer.fit(model, StdlibTextDataModule(seq_len=64, batch_size=8))
+        assert torch.isfinite(torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])).all()
