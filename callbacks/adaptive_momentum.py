@@ -155,6 +155,6 @@ def _adam_denominator(state: dict, g: Tensor, group: dict) -> Tensor:
     step = state["step"]
     if isinstance(step, Tensor) and step.device.type != "cpu":
         bias = 1 - torch.pow(beta2, step + 1)  # fused/capturable: the step lives on the device
-        return (v / bias).sqrt_().add_(group["eps"])
-    bias = 1 - beta2 ** (float(step) + 1)  # a CPU tensor or number: no device sync
+    else:
+        bias = 1 - beta2 ** (float(step) + 1)  # a CPU tensor or number: no device sync
     return (v / bias).sqrt_().add_(group["eps"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lightning_optim._base import check_int, check_range
 from lightning_optim.callbacks._base import StabilityCallback, StepContext
-from lightning_optim.callbacks._pipeline import StepRecord
+from lightning_optim.callbacks._pipeline import StepRecord, existing_record
 from lightning_optim.callbacks.momentum_reset import reset_moments
 from lightning_optim.monitors import ZScore, global_grad_norm, tags
 from lightning_optim.state_adapters import state_adapter
@@ -30,9 +30,8 @@ class _GuardState:
 
     grad_z: ZScore
     loss_z: ZScore
-    counters: Tensor | None = None  # [spikes, skipped_steps]
+    counters: Tensor | None = None  # [spikes, skipped_steps]; a CPU copy when loaded from a checkpoint
     last: Tensor | None = None  # [grad_norm, grad_norm_z, loss_z] of the last step
-    loaded: dict[str, Any] = field(default_factory=dict)
 
 
 class SpikeGuard(StabilityCallback):
@@ -151,8 +150,8 @@ class SpikeGuard(StabilityCallback):
         record = ctx.record
         state = self._state(record.index)
         device = ctx.params[0].device
-        if state.counters is None:
-            state.counters = state.loaded.get("counters", torch.zeros(2)).to(device)
+        if state.last is None:
+            state.counters = (state.counters if state.counters is not None else torch.zeros(2)).to(device)
             state.last = torch.zeros(3, device=device)
         if record.reset_due:  # a spike reset decided one step ago
             reset_moments(ctx.optimizer)
@@ -210,7 +209,7 @@ class SpikeGuard(StabilityCallback):
         if self.action != "stop":
             return
         for optimizer in trainer.optimizers:
-            record = getattr(optimizer, "_lightning_optim_step_record", None)
+            record = existing_record(optimizer)
             if record is None or not record.stop_due or record.stop_due in self._stop_saved:
                 continue
             self._stop_saved.add(record.stop_due)
@@ -226,7 +225,7 @@ class SpikeGuard(StabilityCallback):
     # --- logging and checkpoints ---------------------------------------------------------------------
     def metrics(self, record: StepRecord) -> dict[str, Tensor | float]:
         state = self._states.get(record.index)
-        if state is None or state.counters is None:
+        if state is None or state.last is None:
             return {}
         out: dict[str, Tensor | float] = {
             tags.GRAD_NORM: state.last[0],
@@ -246,7 +245,7 @@ class SpikeGuard(StabilityCallback):
             index: {
                 "grad_z": state.grad_z.state_dict(),
                 "loss_z": state.loss_z.state_dict(),
-                "counters": (state.counters if state.counters is not None else state.loaded.get("counters", torch.zeros(2))).cpu(),
+                "counters": (state.counters if state.counters is not None else torch.zeros(2)).cpu(),
             }
             for index, state in self._states.items()
         }
@@ -259,7 +258,7 @@ class SpikeGuard(StabilityCallback):
             state = self._state(int(index))
             state.grad_z.load_state_dict(saved["grad_z"])
             state.loss_z.load_state_dict(saved["loss_z"])
-            state.loaded = {"counters": saved["counters"].clone()}
+            state.counters = saved["counters"].clone()
 
 
 # --- host actions, run one step after the device decided (see callbacks/_pipeline.py) -----------------

@@ -183,7 +183,24 @@ class StateAdapter:
         return f"{type(self).__name__}({self.name})"
 
 
-class KeyedStateAdapter(StateAdapter):
+class _NamedMomentsAdapter(StateAdapter):
+    """An adapter whose moments live under named keys: ``first``/``second`` (None: not kept)."""
+
+    def __init__(self, name: str, first: str | None, second: str | None) -> None:
+        self.name = name
+        self.first = first
+        self.second = second
+
+    @property
+    def has_first_moment(self) -> bool:
+        return self.first is not None
+
+    @property
+    def has_second_moment(self) -> bool:
+        return self.second is not None
+
+
+class KeyedStateAdapter(_NamedMomentsAdapter):
     """Adapter for optimizers that keep each moment as one tensor under a key (torch.optim and ours).
 
     Args:
@@ -208,9 +225,7 @@ class KeyedStateAdapter(StateAdapter):
         also_reset: tuple[str, ...] = (),
         second_is_inf_norm: bool = False,
     ) -> None:
-        self.name = name
-        self.first = first
-        self.second = second
+        super().__init__(name, first, second)
         self.also_reset = tuple(also_reset)
         self.second_is_inf_norm = second_is_inf_norm
 
@@ -221,14 +236,6 @@ class KeyedStateAdapter(StateAdapter):
         if codes is not None:
             return _dequantize(codes, state[f"{key}_absmax"], _dynamic_map(signed, codes.device))
         return state.get(key)  # None for torch SGD without momentum
-
-    @property
-    def has_first_moment(self) -> bool:
-        return self.first is not None
-
-    @property
-    def has_second_moment(self) -> bool:
-        return self.second is not None
 
     def first_moment(self, state: dict[str, Any]) -> Tensor | None:
         return self._read(state, self.first, signed=True)
@@ -258,7 +265,7 @@ class KeyedStateAdapter(StateAdapter):
         return self.first_moment(state)
 
 
-class BitsAndBytesStateAdapter(StateAdapter):
+class BitsAndBytesStateAdapter(_NamedMomentsAdapter):
     """Adapter for bitsandbytes optimizers (0.50.x): moments under ``state1``/``state2``.
 
     Each is fp32 (32-bit optimizers, and parameters below ``min_8bit_size`` = 4096 elements) or uint8
@@ -274,9 +281,7 @@ class BitsAndBytesStateAdapter(StateAdapter):
     quantized = True
 
     def __init__(self, name: str, first: str | None = "state1", second: str | None = "state2") -> None:
-        self.name = name
-        self.first = first
-        self.second = second
+        super().__init__(name, first, second)
 
     @staticmethod
     def _tensors(state: dict[str, Any]) -> dict[str, Any]:
@@ -290,14 +295,6 @@ class BitsAndBytesStateAdapter(StateAdapter):
             return value
         i = key[-1]  # "state1" -> qmap1/absmax1
         return _dequantize(value, tensors[f"absmax{i}"], tensors[f"qmap{i}"])
-
-    @property
-    def has_first_moment(self) -> bool:
-        return self.first is not None
-
-    @property
-    def has_second_moment(self) -> bool:
-        return self.second is not None
 
     def first_moment(self, state: dict[str, Any]) -> Tensor | None:
         return self._read(state, self.first)
