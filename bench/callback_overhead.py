@@ -2,13 +2,15 @@
 
 GPU setting of issue 3: 6 layers, d_model 768, 12 heads, bf16-mixed, batch 16 x 256 tokens of Python
 standard-library source. Runs one fit per configuration: no callback, Lightning's SpikeDetection,
-each of ours alone, all four of ours together; prints a table and writes JSON.
+each of ours alone, all four of ours together, and LRSafetyRadius in monitor mode (a probe every 50
+steps) and in control mode (a probe every step); prints a table and writes JSON.
 
     python bench/callback_overhead.py                                  # CUDA, the issue's setting
     python bench/callback_overhead.py --device cpu --size tiny --seq-len 64 --steps 30 --warmup 10   # smoke
 
 Step time = wall time of the steps after ``--warmup`` (device synchronised at both ends) / their number.
-The target is all four together <= 3% over no callback.
+Targets: all four stability callbacks together <= 3% over no callback; LRSafetyRadius monitor <= 3%;
+LRSafetyRadius control <= one extra forward+backward per step (roughly +100% of a plain step's compute).
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_optim.callbacks import AdaptiveMomentum, MomentumReset, SpikeAwareClipping, SpikeGuard
+from lightning_optim.callbacks import (
+    AdaptiveMomentum,
+    LRSafetyRadius,
+    MomentumReset,
+    SpikeAwareClipping,
+    SpikeGuard,
+)
 from lightning_optim.examples.gpt import GPT, StdlibTextDataModule
 
 
@@ -43,6 +51,9 @@ def _configs() -> dict[str, Any]:
         "spike_aware_clipping": lambda: [SpikeAwareClipping()],
         "adaptive_momentum": lambda: [AdaptiveMomentum()],
         "all_ours": ours,
+        # issue 4 targets: monitor <= 3% at every_n_steps=50; control <= 1x an extra forward+backward
+        "lr_safety_monitor": lambda: [LRSafetyRadius(mode="monitor", every_n_steps=50)],
+        "lr_safety_control": lambda: [LRSafetyRadius(mode="control")],
     }
 
 

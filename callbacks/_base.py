@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from lightning_optim.callbacks._logging import log_scalars
 from lightning_optim.callbacks._pipeline import (
     StepRecord,
     amp_scale,
@@ -136,28 +137,13 @@ def _stability_callbacks(trainer: pl.Trainer) -> list[StabilityCallback]:
 
 
 def _log(trainer: pl.Trainer, stages: list[StabilityCallback]) -> None:
-    """One host transfer for every device scalar of every stage and optimizer, then ``log_metrics``."""
-    names: list[str] = []
-    values: list[Tensor | float] = []
+    """Every stage's scalars of every optimizer, tagged per optimizer, in one host transfer."""
+    metrics: dict[str, Tensor | float] = {}
     for optimizer in trainer.optimizers:
         record = existing_record(optimizer)
         if record is None:
             continue
-        merged: dict[str, Tensor | float] = {}
         for callback in stages:
-            merged.update(callback.metrics(record))
-        for name, value in merged.items():
-            names.append(tag_for(name, record.index))
-            values.append(value)
-    if not names:
-        return
-    tensors = [(i, v) for i, v in enumerate(values) if isinstance(v, Tensor)]
-    host = [float(v) if not isinstance(v, Tensor) else 0.0 for v in values]
-    if tensors:
-        device = tensors[0][1].device
-        stacked = torch.stack([v.detach().to(device=device, dtype=torch.float32) for _, v in tensors]).cpu()
-        for (i, _), value in zip(tensors, stacked.tolist()):
-            host[i] = value
-    metrics = dict(zip(names, host))
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=trainer.global_step)
+            for name, value in callback.metrics(record).items():
+                metrics[tag_for(name, record.index)] = value
+    log_scalars(trainer, metrics)

@@ -19,6 +19,8 @@ __all__ = [
     "CLIPPED_FRACTION",
     "BETA1",
     "LR_SAFETY_RATIO",
+    "LR_SAFETY_RADIUS",
+    "LR_SCALED_STEPS",
     "LR_SCALE",
     "SOFTMAX_COLLAPSE",
     "NLM_COSINE",
@@ -46,7 +48,9 @@ SKIPPED_STEPS = "stability/skipped_steps"  # cumulative skipped optimizer steps
 CLIPPED_FRACTION = "stability/clipped_fraction"  # share of gradient entries clipped at the last step
 BETA1 = "stability/beta1"  # effective first-moment coefficient applied
 LR_SAFETY_RATIO = "stability/lr_safety_ratio"  # r = tau / rho_a of the last probe
+LR_SAFETY_RADIUS = "stability/lr_safety_radius"  # rho_a of the last probe (a step length in parameter space)
 LR_SCALE = "stability/lr_scale"  # controller scale s (1 when not acting)
+LR_SCALED_STEPS = "stability/lr_scaled_steps"  # cumulative steps the controller shrank (s < 1)
 SOFTMAX_COLLAPSE = "stability/softmax_collapse"
 NLM_COSINE = "stability/nlm_cosine"
 PROBE = "stability/probe"  # prefix: stability/probe/<statistic>

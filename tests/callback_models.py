@@ -26,6 +26,9 @@ class Regression(pl.LightningModule):
         self.make_optimizer = make_optimizer
         self.loss_spikes = loss_spikes or {}
 
+    def forward(self, x):
+        return self.net(x)
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = torch.nn.functional.mse_loss(self.net(x), y)

@@ -167,3 +167,85 @@ def test_stability_callbacks_are_sync_free_between_logging_steps() -> None:
         )
         trainer.fit(model, StdlibTextDataModule(seq_len=64, batch_size=8))
         assert torch.isfinite(torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["monitor", "control"])
+def test_lr_safety_radius_is_sync_free_between_logging_steps(mode: str) -> None:
+    """Probe steps (every step in control mode, steps 5, 15, 25 in monitor mode) raise nothing under
+    set_sync_debug_mode("error"); r and s reach the host only on logging steps."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_optim.callbacks import LRSafetyRadius
+    from lightning_optim.examples.gpt import GPT, StdlibTextDataModule
+
+    model = GPT(size="small", seq_len=64)
+    model.configure_optimizers = lambda: torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    # the debug switch first: its on_train_batch_end turns the mode off before LRSafetyRadius logs
+    callbacks = [_SyncDebugBetweenLogs(), LRSafetyRadius(mode=mode, every_n_steps=5 if mode == "monitor" else 10)]
+    trainer = pl.Trainer(
+        accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=30, log_every_n_steps=10,
+        logger=CSVLogger("/tmp/sync_debug_logs"), enable_checkpointing=False, enable_progress_bar=False,
+        limit_val_batches=0, callbacks=callbacks,
+    )
+    trainer.fit(model, StdlibTextDataModule(seq_len=64, batch_size=8))
+    assert callbacks[1].method == "jvp" and math.isfinite(float(callbacks[1].ratio))
+
+
+@pytest.mark.gpu
+def test_safety_radius_jvp_runs_with_flash_attention_models_and_matches_fd() -> None:
+    """JVP runs under the math SDPA backend (flash/cuDNN have no forward-mode rule) and agrees with FD."""
+    from lightning_optim.examples.gpt import GPT
+    from lightning_optim.monitors import safety_radius
+    from lightning_optim.monitors.safety_radius import functional_logits
+
+    torch.manual_seed(0)
+    model = GPT(size="small", seq_len=128).cuda()
+    x = torch.randint(0, 256, (2, 128), device="cuda")
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    update = {k: 1e-3 * torch.randn_like(v) for k, v in params.items()}
+    logits_fn = functional_logits(model, lambda m: m(x))
+    jvp = safety_radius(logits_fn, params, update, method="jvp")
+    fd = safety_radius(logits_fn, params, update, method="finite_difference")
+    assert jvp.method == "jvp"
+    assert fd.spread.item() == pytest.approx(jvp.spread.item(), rel=1e-3)
+
+
+@pytest.mark.gpu
+def test_lr_safety_controller_on_hf_llama() -> None:
+    """An output object with ``.logits`` (transformers) works; the controller keeps a 1000x spike finite."""
+    transformers = pytest.importorskip("transformers")
+    from lightning_optim.callbacks import LRSafetyRadius
+    from lightning_optim.examples.gpt import StdlibTextDataModule
+
+    class HFLlama(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            config = transformers.LlamaConfig(
+                vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+            )
+            self.model = transformers.LlamaForCausalLM(config)
+
+        def forward(self, x):
+            return self.model(input_ids=x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self(x).logits.flatten(0, 1).float(), y.flatten())
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.parameters(), lr=1e-3)
+            spike = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1000.0 if step == 10 else 1.0)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": spike, "interval": "step"}}
+
+    torch.manual_seed(0)
+    model = HFLlama()
+    controller = LRSafetyRadius(mode="control", every_n_steps=5)
+    trainer = pl.Trainer(
+        accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=20, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0, callbacks=[controller],
+    )
+    trainer.fit(model, StdlibTextDataModule(seq_len=128, batch_size=8))
+    assert controller.method == "jvp" and float(controller.scaled_steps) >= 1
+    assert torch.isfinite(torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])).all()
