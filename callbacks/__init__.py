@@ -5,16 +5,32 @@
 - :class:`SpikeGuard`: z-score spike detection (gradient norm and/or loss) acting on the spiking step:
   reset, skip, clip or stop.
 - :class:`AdaptiveMomentum`: the adaptive-memory-momentum coefficient for SGD/Adam-type optimizers.
+- :class:`QuantizationAwareTraining`: fake-quant QAT of the Linear weights (int8/int4/fp8, STE) from any
+  step, with a moment reset and warm-up at its start; :class:`QuantizationMonitor`: per-layer quantization
+  error, MMR and kurtosis under ``quant/``.
+- :class:`LRSafetyRadius`: the softmax safety ratio r = τ/ρ_a of each update (monitor) and a controller
+  that shrinks updates with r > target (control), for any optimizer.
 
-They share one per-optimizer pipeline, so their combined effect does not depend on their order in
-``Trainer(callbacks=[...])``; decisions stay on the device (no host sync per step), they take the same
-decision on every rank, save their state in checkpoints and log under ``stability/`` every
-``log_every_n_steps``. Moments are read and reset through :mod:`lightning_optim.state_adapters`.
+The spike, reset, momentum and QAT callbacks share one per-optimizer pipeline, so their combined effect
+does not depend on their order in ``Trainer(callbacks=[...])``. All of them keep decisions on the device
+(no host sync per step), take the same decision on every rank, save their state in checkpoints and log
+under ``stability/`` (``quant/``) on logging steps only. Moments are read and reset through :mod:`lightning_optim.state_adapters`.
 """
 
 from lightning_optim.callbacks.adaptive_momentum import AdaptiveMomentum
+from lightning_optim.callbacks.lr_safety import LRSafetyRadius
 from lightning_optim.callbacks.momentum_reset import MomentumReset
+from lightning_optim.callbacks.qat import QuantizationAwareTraining
+from lightning_optim.callbacks.quant_monitor import QuantizationMonitor
 from lightning_optim.callbacks.spike_clipping import SpikeAwareClipping
 from lightning_optim.callbacks.spike_guard import SpikeGuard
 
-__all__ = ["AdaptiveMomentum", "MomentumReset", "SpikeAwareClipping", "SpikeGuard"]
+__all__ = [
+    "AdaptiveMomentum",
+    "LRSafetyRadius",
+    "MomentumReset",
+    "QuantizationAwareTraining",
+    "QuantizationMonitor",
+    "SpikeAwareClipping",
+    "SpikeGuard",
+]

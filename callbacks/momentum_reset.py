@@ -52,7 +52,10 @@ class MomentumReset(StabilityCallback):
 
     def before_step(self, ctx: StepContext) -> None:
         record = ctx.record
-        if self.interval == 0 or record.step % self.interval != 0 or record.last_reset == record.step:
+        if self.interval == 0 or record.step % self.interval != 0:
+            return
+        if record.last_reset == record.step:  # another stage reset this step: one reset, the longer warm-up
+            record.reset_warmup = max(record.reset_warmup, self.warmup_steps)
             return
         reset_moments(ctx.optimizer)
         record.record_reset(self.warmup_steps)

@@ -21,6 +21,25 @@ from lightning_optim.monitors.numerics import (
     stablemax,
     stablemax_cross_entropy,
 )
+from lightning_optim.monitors.quant import (
+    LayerError,
+    QuantizedTensor,
+    dequantize_groups,
+    fake_quantize,
+    fake_quantize_ste,
+    kurtosis,
+    layer_error_decomposition,
+    linear_modules,
+    mmr,
+    quantize_groups,
+)
+from lightning_optim.monitors.safety_radius import (
+    SafetyRadius,
+    binary_exact_radius,
+    controller_scale,
+    logit_slope_spread,
+    safety_radius,
+)
 from lightning_optim.monitors.tags import layer_group, tag_for
 from lightning_optim.monitors.zscore import ZScore
 
@@ -33,6 +52,21 @@ __all__ = [
     "stablemax",
     "stablemax_cross_entropy",
     "loss_delta_stats",
+    "SafetyRadius",
+    "safety_radius",
+    "logit_slope_spread",
+    "binary_exact_radius",
+    "controller_scale",
+    "LayerError",
+    "QuantizedTensor",
+    "quantize_groups",
+    "dequantize_groups",
+    "fake_quantize",
+    "fake_quantize_ste",
+    "mmr",
+    "kurtosis",
+    "linear_modules",
+    "layer_error_decomposition",
     "tags",
     "tag_for",
     "layer_group",

@@ -43,9 +43,10 @@ def _scalars(log_dir: Path, tag: str) -> list[float]:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_example_config_fits_and_logs_training_loss(config: Path, tmp_path: Path) -> None:
+    max_steps = "10" if "lr_safety" in config.stem else "4"
     command = _cli_command() + [
         "fit", "--config", str(config),
-        "--trainer.max_steps", "4", "--trainer.max_epochs", "-1", "--trainer.log_every_n_steps", "1",
+        "--trainer.max_steps", max_steps, "--trainer.max_epochs", "-1", "--trainer.log_every_n_steps", "1",
         "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "null",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
@@ -58,6 +59,9 @@ def test_example_config_fits_and_logs_training_loss(config: Path, tmp_path: Path
     if "stability" in config.stem:  # the callbacks came from YAML and log under stability/
         for tag in ("stability/grad_norm", "stability/spikes", "stability/beta1", "stability/clipped_fraction"):
             assert len(_scalars(tmp_path / "logs", tag)) >= 3, tag
+    if "lr_safety" in config.stem:  # logged every every_n_steps = 10 optimizer steps
+        for tag in ("stability/lr_safety_ratio", "stability/lr_safety_radius", "stability/lr_scale"):
+            assert len(_scalars(tmp_path / "logs", tag)) == 1, tag
 
 
 def test_short_optimizer_name_resolves() -> None:
@@ -94,3 +98,31 @@ def test_module_entry_point_lists_subcommands() -> None:
     assert proc.returncode == 0, proc.stderr
     for sub in ("fit", "validate", "test"):
         assert sub in proc.stdout
+
+
+def test_qat_config_instantiates_and_trains(tmp_path: Path) -> None:
+    """gpt_adamw_qat.yaml: the callback comes typed from YAML; activated at step 1 it resets the moments once,
+    logs quant/ tags per block, and leaves the plain Linear classes behind."""
+    from torch import nn
+
+    from lightning_optim.callbacks import QuantizationAwareTraining
+
+    config = next(c for c in CONFIGS if c.stem == "gpt_adamw_qat")
+    cli = LightningOptimCLI(
+        args=[
+            "--config", str(config), "--data.init_args.max_bytes", "1000000",
+            "--trainer.max_steps", "4", "--trainer.log_every_n_steps", "2", "--trainer.val_check_interval", "null",
+            "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_checkpointing", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+        ],
+        run=False,
+    )
+    qat = next(cb for cb in cli.trainer.callbacks if isinstance(cb, QuantizationAwareTraining))
+    assert qat.spec == (8, "int", 32, False) and qat.start_step == 100 and qat.reset_warmup_steps == 150
+    qat.start_step = 1
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert qat.active and qat.activation_step == 1 and qat._reset_at == {0: 2}
+    assert all(type(m) is nn.Linear for m in cli.model.modules() if isinstance(m, nn.Linear))
+    for tag in ("quant/layer_error/blocks.0", "quant/layer_error_b/lm_head", "quant/mmr/blocks.1", "quant/kurtosis/lm_head/act"):
+        assert len(_scalars(tmp_path / "logs", tag)) == 2, tag
+    assert _scalars(tmp_path / "logs", "stability/momentum_resets")[-1] == 1.0
