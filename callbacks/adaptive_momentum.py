@@ -11,6 +11,7 @@ from lightning_optim.callbacks._base import StabilityCallback, StepContext
 from lightning_optim.callbacks._pipeline import StepRecord
 from lightning_optim.monitors import tags
 from lightning_optim.spam import SPAM
+from lightning_optim.state_adapters import state_adapter
 
 _SUPPORTED = "torch.optim.SGD (momentum > 0, dampening == momentum, nesterov=False), torch.optim.Adam, torch.optim.AdamW, lightning_optim.SPAM"
 
@@ -50,6 +51,20 @@ class AdaptiveMomentum(StabilityCallback):
         self._beta: dict[int, Tensor] = {}
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        # Quantized moments (bitsandbytes, torchao) first: the pre-mix rewrites d in place, and a
+        # requantized d would carry a fresh rounding error every step on top of the optimizer's own.
+        # Their small fp32 tensors alone would not help: the big ones are the quantized ones.
+        try:
+            quantized = state_adapter(optimizer).quantized
+        except TypeError:  # no adapter at all: _kind names the supported optimizers
+            quantized = False
+        if quantized:
+            raise TypeError(
+                f"AdaptiveMomentum does not support {type(optimizer).__name__}: it stores its first moment "
+                "quantized (8/4-bit codes with per-block scales), so the pre-mix of the momentum cannot be "
+                f"written back exactly. Use a 32-bit optimizer ({_SUPPORTED}) or "
+                "lightning_optim.AdaptiveMomentumAdamW."
+            )
         _kind(optimizer)
 
     def before_step(self, ctx: StepContext) -> None:

@@ -17,7 +17,7 @@ from lightning_optim.callbacks._base import StabilityCallback, StepContext
 from lightning_optim.callbacks._pipeline import StepRecord, existing_record
 from lightning_optim.callbacks.momentum_reset import reset_moments
 from lightning_optim.monitors import ZScore, global_grad_norm, tags
-from lightning_optim.state_adapters import state_adapter
+from lightning_optim.state_adapters import TorchAOStateAdapter, state_adapter
 
 Monitor = Literal["grad_norm", "loss", "both"]
 Action = Literal["reset", "skip", "clip", "stop"]
@@ -137,6 +137,12 @@ class SpikeGuard(StabilityCallback):
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         if self.action == "reset":
             state_adapter(optimizer)
+        elif self.action in ("skip", "stop") and _torchao_state(optimizer):
+            raise TypeError(
+                f"SpikeGuard(action={self.action!r}) undoes a step by copying the optimizer state, which "
+                f"torchao's quantized state types of {type(optimizer).__name__} do not support; use "
+                "action='reset' or action='clip'."
+            )
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         # Lightning passes the loss already divided by accumulate_grad_batches: the sum over the
@@ -362,3 +368,10 @@ def _any_over_ranks(flag: Tensor) -> Tensor:
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"Invalid {name}: {value!r}; allowed values are {', '.join(map(repr, allowed))}.")
+
+
+def _torchao_state(optimizer: torch.optim.Optimizer) -> bool:
+    try:
+        return isinstance(state_adapter(optimizer), TorchAOStateAdapter)
+    except TypeError:  # no adapter: skip/stop need none
+        return False

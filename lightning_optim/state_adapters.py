@@ -21,6 +21,7 @@ AdaptiveMomentumSGD                             momentum_buffer  --            -
 bitsandbytes adam, lamb (Adam*, AdamW*, LAMB*)  state1           state2        --
 bitsandbytes lion, momentum (SGD*), lars        state1           --            --
 bitsandbytes rmsprop                            --               state1        --
+torchao.optim Adam*/AdamW* 8bit, 4bit, Fp8      exp_avg          exp_avg_sq    max_exp_avg_sq
 ==============================================  ===============  ============  ====================
 
 Contract: reads give the dequantized value (the live tensor itself when stored unquantized); the second
@@ -30,11 +31,13 @@ touches ``step`` or other bias-correction bookkeeping. With a ``mask`` (0-dim bo
 state's device) the reset is decided on the device: no host sync, no Python branch on the mask.
 Quantized moments: our 8-bit layout (``<key>_codes`` uint8 + ``<key>_absmax`` fp32, 256-blocks,
 shared/specs/low_bit_and_qat.md) and bitsandbytes' (``state1``/``state2`` uint8 + ``qmap*`` +
-``absmax*``, also nested under ``"__bnb_optimizer_quant_state__"`` as in bitsandbytes' ``state_dict``).
+``absmax*``, also nested under ``"__bnb_optimizer_quant_state__"`` as in bitsandbytes' ``state_dict``) and
+torchao's tensor subclasses (OptimState8bit, OptimState4bit, OptimStateFp8: ``codes`` + ``scale``).
 Deliberately unregistered: Adagrad (torch and bitsandbytes; zeroing ``sum`` would restart its
 learning-rate decay rather than forget stale statistics) and bitsandbytes AdEMAMix (two stacked
-first moments). This module never imports bitsandbytes: its optimizers are recognised by module name
-and ``optimizer_name``.
+first moments). This module never imports bitsandbytes or torchao (both optional): bitsandbytes'
+optimizers are recognised by module name and ``optimizer_name``, torchao's by their base class
+``torchao.optim.adam._AdamBase`` (module and name), on first use.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ __all__ = [
     "BitsAndBytesStateAdapter",
     "KeyedStateAdapter",
     "StateAdapter",
+    "TorchAOStateAdapter",
     "iter_states",
     "register_state_adapter",
     "state_adapter",
@@ -114,25 +118,50 @@ def _dynamic_map(signed: bool, device: torch.device) -> Tensor:
     return _MAPS[key]
 
 
-_BNB_ZERO_CODES: dict[tuple[int, torch.device], tuple[Tensor, int, Tensor]] = {}
+_ZERO_CODES: dict[tuple[int, torch.device], tuple[Tensor, int, Tensor]] = {}
 
 
-def _bnb_zero_code(qmap: Tensor) -> Tensor:
-    """Index of the entry of smallest magnitude (the exact 0 of bitsandbytes' maps) as a uint8 device tensor.
+def _zero_code(qmap: Tensor) -> Tensor:
+    """Index of the map entry of smallest magnitude (the exact 0 where the map has one) as a uint8 device tensor.
 
     argmin stays on the device (no sync). Cached per map tensor; the cached entry holds the map, so its
     address cannot be reused by another tensor while the entry lives. Bounded: after load_state_dict
-    bitsandbytes holds one map copy per parameter.
+    bitsandbytes holds one map copy per parameter, torchao always one per state tensor (a miss only
+    costs one argmin over 16 or 256 values).
     """
     key = (qmap.data_ptr(), qmap.device)
-    hit = _BNB_ZERO_CODES.get(key)
+    hit = _ZERO_CODES.get(key)
     if hit is not None and hit[0] is qmap and hit[1] == qmap._version:
         return hit[2]
-    if len(_BNB_ZERO_CODES) >= 256:
-        _BNB_ZERO_CODES.clear()
+    if len(_ZERO_CODES) >= 256:
+        _ZERO_CODES.clear()
     code = qmap.abs().argmin().to(torch.uint8)
-    _BNB_ZERO_CODES[key] = (qmap, qmap._version, code)
+    _ZERO_CODES[key] = (qmap, qmap._version, code)
     return code
+
+
+def _is_torchao_quantized(value: Any) -> bool:
+    """Whether ``value`` is one of torchao's quantized optimizer-state subclasses (duck-typed: no import)."""
+    return isinstance(value, Tensor) and type(value) is not Tensor and isinstance(getattr(value, "codes", None), Tensor)
+
+
+def _reset_torchao_(value: Tensor, mask: Tensor | None) -> None:
+    """Exact +0 for a torchao OptimState8bit / OptimState4bit / OptimStateFp8, in place, sync-free.
+
+    Codes ← the map's smallest-magnitude entry (4-bit: in both nibbles of each byte, 0x77 for the first
+    moment) or bit pattern 0 (fp8, +0.0); scale ← 0 always. Then every entry dequantizes to qmap[z]·0 = +0,
+    also for 4-bit v, whose map {1/16, ..., 1} has no zero, and where a scale had become Inf/NaN.
+    ``value.copy_(zeros)`` would not do: it requantizes and leaves 1/16·1e-12 in 4-bit v.
+    """
+    codes, qmap = value.codes, getattr(value, "qmap", None)
+    if qmap is None:  # fp8: masked_fill_ has no float8 kernel on the CPU; the uint8 view has
+        _zero_(codes.view(torch.uint8), mask)
+    else:
+        code = _zero_code(qmap)
+        if codes.numel() != value.numel():  # 4-bit: two codes per byte, high nibble first
+            code = code * 17  # (z << 4) | z, on the device
+        _fill_codes_(codes, code, mask)
+    _zero_(value.scale, mask)
 
 
 # -- adapters ------------------------------------------------------------------------------------------
@@ -141,7 +170,8 @@ class StateAdapter:
 
     Subclass it (override :meth:`first_moment`, :meth:`second_moment`, :meth:`reset_`, and :meth:`step`
     if the count is not under ``"step"``) and register an instance with :func:`register_state_adapter`.
-    ``quantized`` says whether moments may be stored quantized (then reads return dequantized copies).
+    ``quantized`` says whether moments may be stored quantized (then reads return dequantized copies, and
+    callbacks that rewrite a moment in place, such as AdaptiveMomentum, refuse the optimizer).
     """
 
     quantized: bool = False
@@ -311,7 +341,7 @@ class BitsAndBytesStateAdapter(_NamedMomentsAdapter):
                 continue
             if value.dtype == torch.uint8:
                 i = key[-1]
-                _fill_codes_(value, _bnb_zero_code(tensors[f"qmap{i}"]), mask)
+                _fill_codes_(value, _zero_code(tensors[f"qmap{i}"]), mask)
                 _zero_(tensors[f"absmax{i}"], mask)  # also clears an Inf/NaN absmax
             else:
                 _zero_(value, mask)
@@ -321,6 +351,48 @@ class BitsAndBytesStateAdapter(_NamedMomentsAdapter):
         if value is not None and value.dtype == torch.uint8:
             raise NotImplementedError(
                 f"{self.name} (bitsandbytes) stores its first moment in 8 bits: there is no live fp32 tensor "
+                "to write; read it with first_moment and reset it with reset_."
+            )
+        return value
+
+
+class TorchAOStateAdapter(KeyedStateAdapter):
+    """Adapter for torchao's low-bit Adam/AdamW (``torchao.optim`` Adam8bit, AdamW8bit, Adam4bit, AdamW4bit,
+    AdamFp8, AdamWFp8; 0.18).
+
+    ``exp_avg``, ``exp_avg_sq`` (and amsgrad's ``max_exp_avg_sq``) are tensor subclasses: OptimState8bit
+    (uint8 ``codes`` in the parameter's shape, ``scale`` per 256-block, ``qmap``), OptimState4bit (block
+    128, two codes per byte, high nibble first), OptimStateFp8 (e4m3 ``codes``, ``scale`` = absmax/448);
+    or plain fp32 tensors when the parameter has fewer than 4096 elements or a size that is not a
+    multiple of the block. ``step`` is a CPU float tensor, ``group["lr"]`` a 0-dim tensor (the callbacks'
+    warm-up changes it in place).
+
+    Read: ``.dequantize()`` (fp32; plain tensors as they are). Reset: see :func:`_reset_torchao_`.
+    """
+
+    quantized = True
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, "exp_avg", "exp_avg_sq", also_reset=("max_exp_avg_sq",))
+
+    def _read(self, state: dict[str, Any], key: str | None, signed: bool) -> Tensor | None:
+        value = state.get(key) if key is not None else None
+        return value.dequantize() if _is_torchao_quantized(value) else value
+
+    def reset_(self, state: dict[str, Any], mask: Tensor | None = None) -> None:
+        _check_mask(mask)
+        for key in (self.first, self.second, *self.also_reset):
+            value = state.get(key)
+            if _is_torchao_quantized(value):
+                _reset_torchao_(value, mask)
+            elif isinstance(value, Tensor):
+                _zero_(value, mask)
+
+    def writable_first_moment(self, state: dict[str, Any]) -> Tensor | None:
+        value = state.get(self.first)
+        if _is_torchao_quantized(value):
+            raise NotImplementedError(
+                f"{self.name} stores its first moment as {type(value).__name__}: there is no live fp32 tensor "
                 "to write; read it with first_moment and reset it with reset_."
             )
         return value
@@ -338,7 +410,8 @@ _BNB_KEYS: dict[str, tuple[str | None, str | None]] = {
     "lars": ("state1", None),
     "rmsprop": (None, "state1"),
 }
-_BNB_ADAPTERS: dict[type, BitsAndBytesStateAdapter] = {}
+# adapters found by the library rules of state_adapter, one instance per optimizer class
+_LIBRARY_ADAPTERS: dict[type, StateAdapter] = {}
 
 _NOT_REGISTERED_WHY = {
     "Adagrad": " Adagrad is left unregistered on purpose: zeroing its 'sum' would restart its learning-rate "
@@ -356,7 +429,7 @@ def register_state_adapter(optimizer_cls: type, adapter: StateAdapter) -> None:
 
 
 def state_adapter(optimizer: Optimizer) -> StateAdapter:
-    """The adapter for ``optimizer``: its class's registration along the MRO, else the bitsandbytes rule.
+    """The adapter for ``optimizer``: its class's registration along the MRO, else the bitsandbytes or torchao rule.
 
     Raises ``TypeError`` naming the class and its state keys when none applies.
     """
@@ -364,11 +437,10 @@ def state_adapter(optimizer: Optimizer) -> StateAdapter:
     for klass in cls.__mro__:
         if klass in _REGISTRY:
             return _REGISTRY[klass]
-    bnb_name = getattr(optimizer, "optimizer_name", None)
-    if cls.__module__.startswith("bitsandbytes.") and bnb_name in _BNB_KEYS:
-        if cls not in _BNB_ADAPTERS:  # one instance per class, named after it for error messages
-            _BNB_ADAPTERS[cls] = BitsAndBytesStateAdapter(cls.__name__, *_BNB_KEYS[bnb_name])
-        return _BNB_ADAPTERS[cls]
+    adapter = _LIBRARY_ADAPTERS.get(cls) or _library_adapter(optimizer)
+    if adapter is not None:
+        _LIBRARY_ADAPTERS[cls] = adapter
+        return adapter
     keys = sorted({str(k) for s in getattr(optimizer, "state", {}).values() if isinstance(s, dict) for k in s})
     found = ", ".join(repr(k) for k in keys) if keys else "no state yet"
     raise TypeError(
@@ -378,6 +450,18 @@ def state_adapter(optimizer: Optimizer) -> StateAdapter:
         "subclass instance, e.g. lightning_optim.state_adapters.KeyedStateAdapter('MyOptimizer', "
         "first='exp_avg', second='exp_avg_sq')."
     )
+
+
+def _library_adapter(optimizer: Optimizer) -> StateAdapter | None:
+    """An adapter for a bitsandbytes or torchao optimizer, recognised without importing either library."""
+    cls = type(optimizer)
+    bnb_name = getattr(optimizer, "optimizer_name", None)
+    if cls.__module__.startswith("bitsandbytes.") and bnb_name in _BNB_KEYS:
+        return BitsAndBytesStateAdapter(cls.__name__, *_BNB_KEYS[bnb_name])
+    # torchao.optim's Adam family shares one base class and one state layout
+    if any(k.__name__ == "_AdamBase" and k.__module__.startswith("torchao.") for k in cls.__mro__):
+        return TorchAOStateAdapter(f"torchao.optim.{cls.__name__}")
+    return None
 
 
 def iter_states(optimizer: Optimizer) -> Iterator[tuple[dict[str, Any], Tensor, dict[str, Any]]]:
