@@ -22,6 +22,11 @@ with clipping on), and at least one warm-up step is required: every timed step i
 the spike clip runs in every timed step. Stable-SPAM runs with ``reset_interval`` = 1e6 and no cosine
 schedule (``total_steps=None``). pytorch_optimizer's SPAM/StableSPAM get the same settings
 (``grad_accu_steps=2``, ``update_proj_gap`` = 1e6, ``density=1.0``, ``foreach=True``).
+
+The ``*_8bit`` rows run our optimizers with ``state_bits=8`` (block-wise dynamic 8-bit moments for every
+tensor with >= 4096 elements, embeddings included, like bitsandbytes' AdamW8bit in ``bnb_adamw8bit``):
+expect about 2.03 bytes per parameter for Adam-type state instead of 8. Their step is a per-tensor
+dequantize -> update -> requantize loop (not compiled).
 """
 
 from __future__ import annotations
@@ -206,6 +211,33 @@ CANDIDATES: dict[str, dict[str, Any]] = {
             eps=1e-8,
             foreach=True,
         ),
+    ),
+    # 8-bit state (state_bits=8): every tensor with >= 4096 elements, embeddings included, as bitsandbytes'
+    # AdamW8bit below does, so the memory rows compare like for like.
+    "spam_8bit": dict(
+        label="lightning_optim.SPAM(state_bits=8)",
+        available=lambda device: None,
+        make=lambda ps: _lo("SPAM")(
+            ps, lr=LR, weight_decay=WEIGHT_DECAY, reset_interval=NO_RESET, clip_delay=SPAM_CLIP_DELAY, foreach=True,
+            state_bits=8,
+        ),
+    ),
+    "stable_spam_8bit": dict(
+        label="lightning_optim.StableSPAM(state_bits=8)",
+        available=lambda device: None,
+        make=lambda ps: _lo("StableSPAM")(
+            ps, lr=LR, weight_decay=WEIGHT_DECAY, reset_interval=NO_RESET, foreach=True, state_bits=8
+        ),
+    ),
+    "am_adamw_8bit": dict(
+        label="lightning_optim.AdaptiveMomentumAdamW(state_bits=8)",
+        available=lambda device: None,
+        make=lambda ps: _lo("AdaptiveMomentumAdamW")(ps, lr=LR, weight_decay=WEIGHT_DECAY, foreach=True, state_bits=8),
+    ),
+    "am_sgd_8bit": dict(
+        label="lightning_optim.AdaptiveMomentumSGD(state_bits=8)",
+        available=lambda device: None,
+        make=lambda ps: _lo("AdaptiveMomentumSGD")(ps, lr=LR, weight_decay=WEIGHT_DECAY, foreach=True, state_bits=8),
     ),
     "bnb_adamw8bit": dict(
         label="bitsandbytes.optim.AdamW8bit",

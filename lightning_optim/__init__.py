@@ -1,12 +1,15 @@
 """lightning-optim: a training-stability toolkit for PyTorch Lightning.
 
 Optimizers (usable from ``configure_optimizers`` and from LightningCLI by ``class_path`` or short name):
-:class:`SPAM`, :class:`StableSPAM`, :class:`AdaptiveMomentumSGD`, :class:`AdaptiveMomentumAdamW`.
+:class:`SPAM`, :class:`StableSPAM`, :class:`AdaptiveMomentumSGD`, :class:`AdaptiveMomentumAdamW`
+(``state_bits=8`` stores their moments block-wise in 8 bits, see :mod:`lightning_optim.lowbit`).
 Parameter groups for any optimizer: :func:`param_groups`. Callbacks live in ``lightning_optim.callbacks``,
 pure-torch statistics in ``lightning_optim.monitors``.
 """
 
+from lightning_optim import lowbit
 from lightning_optim.adaptive_momentum import AdaptiveMomentumAdamW, AdaptiveMomentumSGD
+from lightning_optim.lowbit import dequantize_blockwise, dynamic_map, quantize_blockwise
 from lightning_optim.param_groups import ParamGroups, param_groups
 from lightning_optim.spam import SPAM
 from lightning_optim.stable_spam import StableSPAM
@@ -24,5 +27,9 @@ __all__ = [
     "StateAdapter",
     "state_adapter",
     "register_state_adapter",
+    "lowbit",
+    "dynamic_map",
+    "quantize_blockwise",
+    "dequantize_blockwise",
     "__version__",
 ]

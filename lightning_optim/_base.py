@@ -8,14 +8,17 @@ reference path next to a multi-tensor (``torch._foreach_*``) path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
+
+from lightning_optim.lowbit import LowBitMoments, init_moment, is_low_bit, is_quantized, to_full_, to_low_bit_
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -56,12 +59,17 @@ def check_betas(betas: Any, names: tuple[str, ...] = ("beta1", "beta2")) -> None
         check_range(f"betas ({name})", float(beta) if isinstance(beta, Tensor) else beta, 0.0, 1.0, high_open=True)
 
 
-def check_state_bits(state_bits: Any) -> None:
-    if state_bits not in (32, 8):
+def check_state_bits(state_bits: Any, compile: Any = False) -> None:
+    """Raise ``ValueError`` unless ``state_bits`` is 32 or 8, and for 8 together with ``compile=True``."""
+    if isinstance(state_bits, bool) or state_bits not in (32, 8):
         raise ValueError(f"Invalid state_bits: {state_bits!r}; allowed values are 32 and 8.")
-    if state_bits == 8:
-        # The block-wise 8-bit layout (shared/specs/low_bit_and_qat.md) is not implemented yet.
-        raise NotImplementedError("state_bits=8 is not implemented yet; use state_bits=32.")
+    if state_bits == 8 and compile is True:
+        # The compiled steps are multi-tensor graphs over fp32 state; the 8-bit path is a per-tensor
+        # dequantize -> update -> requantize loop, which would recompile for every parameter shape.
+        raise ValueError(
+            "Invalid combination compile=True with state_bits=8: the compiled step needs fp32 state; "
+            "use compile=False with state_bits=8, or state_bits=32 with compile=True."
+        )
 
 
 def state_dtype(param: Tensor) -> torch.dtype:
@@ -92,6 +100,8 @@ class StepCountedOptimizer(Optimizer):
     # Keys of per-parameter state that are counters: kept as float32 tensors on the CPU (as torch keeps
     # Adam's ``step``) so that reading them never syncs with an accelerator.
     _counter_keys: tuple[str, ...] = ("step",)
+    # Moment keys -> whether their 8-bit form uses the signed map (first moments) or the unsigned one.
+    _moments: dict[str, bool] = {}
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
@@ -144,25 +154,68 @@ class StepCountedOptimizer(Optimizer):
         return params
 
     def _init_state(
-        self, p: Tensor, keys: Iterable[str], counters: Iterable[str] = ("step",), on_device: bool = False
+        self,
+        p: Tensor,
+        keys: Iterable[str],
+        counters: Iterable[str] = ("step",),
+        on_device: bool = False,
+        group: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Lazily create zero moments (fp32 for half-precision params) and float32 counters.
 
-        Counters live on the CPU, so reading them never syncs, unless ``on_device`` (a compiled step reads
-        them on the device, as torch's capturable Adam does). A counter found on the other side (moved by
-        Lightning's ``_optimizer_to_device`` on resume, or after switching paths) is moved once.
+        With ``group``, moments of a parameter that :func:`~lightning_optim.lowbit.is_low_bit` selects are
+        created in the 8-bit layout, and existing moments are converted when the group's ``state_bits``
+        changed. Counters live on the CPU, so reading them never syncs, unless ``on_device`` (a compiled
+        step reads them on the device, as torch's capturable Adam does). A counter found on the other side
+        (moved by Lightning's ``_optimizer_to_device`` on resume, or after switching paths) is moved once.
         """
         state = self.state[p]
         if not state:
+            low_bit = group is not None and is_low_bit(group, p)
             for key in counters:
                 state[key] = torch.tensor(0.0, dtype=torch.float32)
             for key in keys:
-                state[key] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
+                if low_bit:
+                    init_moment(state, key, self._moments[key], p)
+                else:
+                    state[key] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
+        elif group is not None:
+            self._match_layout(group, p, state)
         device = p.device if on_device else torch.device("cpu")
         for key in counters:
             if state[key].device != device:
                 state[key] = state[key].to(device)
         return state
+
+    # -- 8-bit state ----------------------------------------------------------------------------------
+    def _match_layout(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> bool:
+        """Convert ``p``'s moments to the layout its group asks for; returns whether they are 8-bit."""
+        low_bit = is_low_bit(group, p)
+        for key, signed in self._moments.items():
+            if low_bit and key in state:
+                to_low_bit_(state, key, signed)
+            elif not low_bit and is_quantized(state, key):
+                to_full_(state, key, signed, state_dtype(p))
+        return low_bit
+
+    def _split_by_layout(self, states: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+        """Indices of the parameters with full-precision moments and of those with 8-bit moments."""
+        first = next(iter(self._moments))
+        quantized = [is_quantized(s, first) for s in states]
+        return [i for i, q in enumerate(quantized) if not q], [i for i, q in enumerate(quantized) if q]
+
+    @contextlib.contextmanager
+    def _low_bit_moments(self, p: Tensor, state: dict[str, Any], reset: bool = False) -> Iterator[list[Tensor]]:
+        """Dequantized working copies of ``p``'s 8-bit moments (in ``_moments`` order), requantized on exit.
+
+        ``reset`` first writes the zero code into every moment (absmax unchanged): the copies are then
+        exact zeros. Nothing is stored if the body raises.
+        """
+        moments = LowBitMoments(state, self._moments, state_dtype(p))
+        if reset:
+            moments.reset_()
+        yield moments.load()
+        moments.store()
 
     def _device_scalar(self, name: str, device: torch.device, value: float) -> Tensor:
         """A persistent 0-dim float32 tensor on ``device`` set to ``value`` for a compiled step.
@@ -180,13 +233,20 @@ class StepCountedOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict without torch's cast of every state tensor to the parameter's dtype.
 
-        torch casts all floating state to the parameter dtype, which would round fp32 moments of bf16
-        parameters to bf16 and move CPU counters to the device; here each tensor keeps the dtype it was
-        saved with (counters stay float32 on the CPU), so a resume continues bit for bit.
+        torch casts all state to the parameter dtype, which would round fp32 moments of bf16 parameters to
+        bf16, turn uint8 codes of 8-bit moments into floats and move CPU counters to the device; here each
+        tensor keeps the dtype it was saved with (counters stay float32 on the CPU), so a resume continues
+        bit for bit. ``state_bits`` is a storage choice of this run: each group keeps its own value (not
+        the checkpoint's), and moments saved in the other layout (8-bit vs full precision) are converted.
         """
         saved = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        state_bits = [g.get("state_bits") for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, bits in zip(self.param_groups, state_bits):
+            if bits is not None:
+                group["state_bits"] = bits
+                check_state_bits(bits, group.get("compile", False))
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             if saved_id not in saved or p not in self.state:
@@ -196,8 +256,12 @@ class StepCountedOptimizer(Optimizer):
                     continue
                 if key in self._counter_keys:
                     self.state[p][key] = value.detach().to(device="cpu", dtype=torch.float32).clone()
-                elif value.is_floating_point():
+                else:
                     self.state[p][key] = value.detach().to(device=p.device, dtype=value.dtype).clone()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self.state.get(p):
+                    self._match_layout(group, p, self.state[p])
 
 
 def adam_update_single(

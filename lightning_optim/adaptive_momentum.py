@@ -20,6 +20,7 @@ from lightning_optim._base import (
     compiled,
     write_back,
 )
+from lightning_optim.lowbit import init_moment, is_quantized, load_moment, store_moment_
 
 __all__ = ["AdaptiveMomentumSGD", "AdaptiveMomentumAdamW", "adaptive_beta", "effective_beta"]
 
@@ -49,6 +50,44 @@ def _weighted_sq_sum(xs: list[Tensor], weights: list[Tensor] | None) -> Tensor:
     return torch.stack(torch._foreach_norm(sq, 1)).sum()  # entries are >= 0, so the L1 norm is the sum
 
 
+def _sgd_sums(grad: Tensor, memory: Tensor) -> tuple[Tensor, Tensor]:
+    """One tensor's share of A = Σ g² and B = Σ (d − g)² (AM-SGD, reference and 8-bit paths)."""
+    return grad.square().sum(), (memory - grad).square().sum()
+
+
+def _sgd_update_(param: Tensor, grad: Tensor, memory: Tensor, weight: Tensor, lr: float, weight_decay: float) -> None:
+    """AM-SGD's update of one tensor: d ← d + w(g − d), x ← x(1 − η·wd) − η·d."""
+    (p32,) = as_compute([param])
+    memory.lerp_(grad, weight.to(memory.device))
+    if weight_decay != 0:
+        p32.mul_(1 - lr * weight_decay)
+    p32.add_(memory, alpha=-lr)
+    write_back([param], [p32])
+
+
+def _adamw_denom_(grad: Tensor, exp_avg_sq: Tensor, t: float, beta2: float, eps: float) -> Tensor:
+    """Advance v in place and return D = √v / √(1 − β2^t) + ε for one tensor (AM-AdamW)."""
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    return (exp_avg_sq.sqrt() / (1 - beta2**t) ** 0.5).add_(eps)
+
+
+def _adamw_sums(grad: Tensor, memory: Tensor, denom: Tensor) -> tuple[Tensor, Tensor]:
+    """One tensor's share of A = Σ g²/D and B = Σ (d − g)²/D (AM-AdamW)."""
+    return (grad.square() / denom).sum(), ((memory - grad).square() / denom).sum()
+
+
+def _adamw_update_(
+    param: Tensor, grad: Tensor, memory: Tensor, denom: Tensor, weight: Tensor, lr: float, weight_decay: float
+) -> None:
+    """AM-AdamW's update of one tensor: d ← d + w(g − d), x ← x(1 − η·wd) − η·d/D."""
+    (p32,) = as_compute([param])
+    memory.lerp_(grad, weight.to(memory.device))
+    if weight_decay != 0:
+        p32.mul_(1 - lr * weight_decay)
+    p32.addcdiv_(memory, denom, value=-lr)
+    write_back([param], [p32])
+
+
 def _pull_towards_gradient_(memories: list[Tensor], diffs: list[Tensor], weight: Tensor) -> None:
     """d <- d - w (d - g) = (1 - w) d + w g, reusing the d - g the reduction computed.
 
@@ -68,7 +107,7 @@ class _AdaptiveMomentumBase(StepCountedOptimizer):
         check_range("lr", group["lr"], 0.0)
         check_range("weight_decay", group["weight_decay"], 0.0)
         check_range("memory_weight", group["memory_weight"], 0.0)
-        check_state_bits(group["state_bits"])
+        check_state_bits(group["state_bits"], group.get("compile", False))
         first = self.param_groups[0]
         for key in self._shared:
             if group[key] != first[key]:
@@ -124,14 +163,19 @@ class AdaptiveMomentumSGD(_AdaptiveMomentumBase):
         params: parameters or param groups; lr and weight_decay may differ per group, memory_weight and
             beta_max must be equal in all groups (one β is computed for the whole model).
         lr: η (default 1e-2). memory_weight: λ >= 0 (default 0.1). beta_max: upper clip of β*, in [0, 1)
-        (default 0.9). weight_decay: decoupled decay (default 0). state_bits: 32 (8-bit state is not
-        implemented yet). foreach: multi-tensor path (default: on for CUDA params).
+        (default 0.9). weight_decay: decoupled decay (default 0). state_bits: 32 (fp32 memory) or 8:
+        block-wise dynamic 8-bit d (signed map, ``lightning_optim.lowbit``) for parameters with >= 4096
+        elements, 1.02 bytes per parameter instead of 4; smaller tensors keep fp32. Each such tensor is
+        dequantized, updated with the same equations and requantized, one at a time. Keep embeddings in
+        a ``state_bits=32`` group. foreach: multi-tensor path (default: on for CUDA params).
 
     The β* of the last step is exposed as ``last_beta`` (a device tensor; reading it syncs). Sharded
-    (DTensor) parameters are not supported yet. State per parameter: ``momentum_buffer`` (d).
+    (DTensor) parameters are not supported yet. State per parameter: ``momentum_buffer`` (d), or
+    ``momentum_buffer_codes`` (uint8) and ``momentum_buffer_absmax`` (fp32 per 256-block) when 8-bit.
     """
 
     _shared = ("memory_weight", "beta_max")
+    _moments = {"momentum_buffer": True}
 
     def __init__(
         self,
@@ -162,16 +206,21 @@ class AdaptiveMomentumSGD(_AdaptiveMomentumBase):
         groups = self._collect()
         if not groups:
             return
-        parts = []  # (group, params, grads, buffers) in compute precision
+        parts = []  # (group, params, grads, buffers) in compute precision, full-precision memories
+        low_bit = []  # (group, param, grad, state): 8-bit memories, handled one tensor at a time
         for group, params in groups:
             grads = as_compute([p.grad for p in params])
-            buffers = []
+            kept = []
             for p, g in zip(params, grads):
                 state = self.state[p]
+                if self._match_layout(group, p, state):
+                    low_bit.append((group, p, g, state))
+                    continue
                 if "momentum_buffer" not in state:  # d <- g: β* = 0 and d_new = g on the first step
                     state["momentum_buffer"] = g.detach().clone(memory_format=torch.preserve_format)
-                buffers.append(state["momentum_buffer"])
-            parts.append((group, params, grads, buffers))
+                kept.append((p, g, state["momentum_buffer"]))
+            if kept:
+                parts.append((group, *map(list, zip(*kept))))
 
         sq_grads, sq_diffs, diffs = [], [], []
         for group, params, grads, buffers in parts:
@@ -182,9 +231,15 @@ class AdaptiveMomentumSGD(_AdaptiveMomentumBase):
                     sq_diffs.append(_weighted_sq_sum(e, None))
             else:
                 group_diffs = None
-                sq_grads += [g.square().sum() for g in grads]
-                sq_diffs += [(d - g).square().sum() for g, d in zip(grads, buffers)]
+                for a, b in map(_sgd_sums, grads, buffers):
+                    sq_grads.append(a)
+                    sq_diffs.append(b)
             diffs.append(group_diffs)
+        for _, _, g, state in low_bit:  # a memory not created yet is d = g, as on the full-precision path
+            d = load_moment(state, "momentum_buffer", True, g.dtype) if is_quantized(state, "momentum_buffer") else g
+            a, b = _sgd_sums(g, d)
+            sq_grads.append(a)
+            sq_diffs.append(b)
         weight = 1 - self._beta(sq_grads, sq_diffs, groups[0][0], groups[0][0]["beta_max"])
 
         for (group, params, grads, buffers), group_diffs in zip(parts, diffs):
@@ -200,12 +255,15 @@ class AdaptiveMomentumSGD(_AdaptiveMomentumBase):
                     write_back(p, p32)
             else:
                 for p, g, d in zip(params, grads, buffers):
-                    (p32,) = as_compute([p])
-                    d.lerp_(g, weight.to(d.device))
-                    if wd != 0:
-                        p32.mul_(1 - lr * wd)
-                    p32.add_(d, alpha=-lr)
-                    write_back([p], [p32])
+                    _sgd_update_(p, g, d, weight, lr, wd)
+        for group, p, g, state in low_bit:  # dequantize -> update -> requantize, one tensor at a time
+            if is_quantized(state, "momentum_buffer"):
+                d = load_moment(state, "momentum_buffer", True, g.dtype)
+            else:
+                init_moment(state, "momentum_buffer", True, p)
+                d = g.clone()
+            _sgd_update_(p, g, d, weight, group["lr"], group["weight_decay"])
+            store_moment_(state, "momentum_buffer", True, d)
 
 
 class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
@@ -230,15 +288,24 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
         lr: η (default 1e-3). betas: (β_max, β2) (default (0.9, 0.999)); betas[0] is the upper clip of
         β*, named ``betas`` so Lightning's momentum tools and LearningRateMonitor find it. eps: ε added
         to √v̂ (default 1e-8). weight_decay: decoupled decay (default 1e-2). memory_weight: λ (default
-        0.1). state_bits: 32 (8-bit state is not implemented yet). foreach: multi-tensor path.
+        0.1). state_bits: 32 (fp32 moments) or 8: block-wise dynamic 8-bit d (signed map) and v
+        (unsigned map, ``lightning_optim.lowbit``) for parameters with >= 4096 elements, 2.03 bytes per
+        parameter instead of 8; smaller tensors keep fp32. Each such tensor is dequantized, updated with
+        the same equations and requantized, one at a time (phase 1 advances v on a copy it does not
+        store; phase 2 recomputes it from the same inputs, so both phases see the same D). Keep
+        embeddings in a ``state_bits=32`` group. foreach: multi-tensor path.
         compile: run the multi-tensor step through ``torch.compile`` (default False): two fused phases
         (second moment and the two sums; then the memory and parameter update) around the model-wide β,
         with lr and the step counters as device tensors, so it compiles once per group and never syncs.
+        ``compile=True`` with ``state_bits=8`` raises ``ValueError``.
 
     The third-party implementation this follows used betas (0.89, 0.999); we keep 0.9 = β_max. The β*
     of the last step is exposed as ``last_beta``. State per parameter: ``exp_avg`` (d), ``exp_avg_sq``
-    (v), ``step`` (torch Adam's names, so state adapters treat it like Adam).
+    (v), ``step`` (torch Adam's names, so state adapters treat it like Adam); with 8-bit state
+    ``<key>_codes`` (uint8) and ``<key>_absmax`` (fp32 per 256-block) replace the moments.
     """
+
+    _moments = {"exp_avg": True, "exp_avg_sq": False}
 
     def __init__(
         self,
@@ -288,7 +355,19 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
         for group, params in groups:
             _, beta2 = group["betas"]
             eps = group["eps"]
-            states = [self._init_state(p, ("exp_avg", "exp_avg_sq"), on_device=group["compile"]) for p in params]
+            states = [
+                self._init_state(p, ("exp_avg", "exp_avg_sq"), on_device=group["compile"], group=group) for p in params
+            ]
+            full, low_bit = self._split_by_layout(states)
+            if low_bit:
+                rows = [(params[i], states[i]) for i in low_bit]
+                for a, b in self._low_bit_sums(group, rows):
+                    sq_grads.append(a)
+                    sq_diffs.append(b)
+                updates.append(functools.partial(self._low_bit_update, group, rows))
+                if not full:
+                    continue
+                params, states = [params[i] for i in full], [states[i] for i in full]
             exp_avgs = [s["exp_avg"] for s in states]
             exp_avg_sqs = [s["exp_avg_sq"] for s in states]
             steps = [s["step"] for s in states]
@@ -320,16 +399,43 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
                 denoms = []
                 for g, d, v, t in zip(grads, exp_avgs, exp_avg_sqs, steps):
                     t += 1
-                    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                    w = (v.sqrt() / (1 - beta2 ** t.item()) ** 0.5).add_(eps)
+                    w = _adamw_denom_(g, v, t.item(), beta2, eps)  # CPU step: no sync
                     denoms.append(w)
-                    sq_grads.append((g.square() / w).sum())
-                    sq_diffs.append(((d - g).square() / w).sum())
+                    a, b = _adamw_sums(g, d, w)
+                    sq_grads.append(a)
+                    sq_diffs.append(b)
                 updates.append(functools.partial(self._reference_update, group, params, grads, exp_avgs, denoms))
         first = groups[0][0]
         weight = 1 - self._beta(sq_grads, sq_diffs, first, first["betas"][0])
         for update in updates:
             update(weight)
+
+    def _low_bit_sums(
+        self, group: dict[str, Any], rows: list[tuple[Tensor, dict[str, Any]]]
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Phase 1 for 8-bit moments, one tensor at a time: advance t and return each tensor's (A, B).
+
+        v is advanced on a dequantized copy that is not stored: phase 2 recomputes it bit for bit from the
+        same stored v and g, so A, B and the update see the same fp32 v and D, and no copy outlives its tensor.
+        """
+        _, beta2 = group["betas"]
+        sums = []
+        for p, state in rows:
+            (g,) = as_compute([p.grad])
+            state["step"] += 1
+            d = load_moment(state, "exp_avg", True, g.dtype)
+            v = load_moment(state, "exp_avg_sq", False, g.dtype)
+            sums.append(_adamw_sums(g, d, _adamw_denom_(g, v, state["step"].item(), beta2, group["eps"])))
+        return sums
+
+    def _low_bit_update(self, group: dict[str, Any], rows: list[tuple[Tensor, dict[str, Any]]], weight: Tensor) -> None:
+        """Phase 2 for 8-bit moments: dequantize d and v, advance v, update d and x, requantize d and v."""
+        _, beta2 = group["betas"]
+        for p, state in rows:
+            (g,) = as_compute([p.grad])
+            with self._low_bit_moments(p, state) as (d, v):
+                w = _adamw_denom_(g, v, state["step"].item(), beta2, group["eps"])
+                _adamw_update_(p, g, d, w, weight, group["lr"], group["weight_decay"])
 
     def _compiled_update(self, group: dict[str, Any], lists: list[list[Tensor]], weight: Tensor) -> None:
         # D and d - g are recomputed inside the graph rather than kept from phase 1
@@ -359,14 +465,8 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
         denoms: list[Tensor],
         weight: Tensor,
     ) -> None:
-        lr, wd = group["lr"], group["weight_decay"]
         for p, g, d, w in zip(params, grads, exp_avgs, denoms):
-            (p32,) = as_compute([p])
-            d.lerp_(g, weight.to(d.device))
-            if wd != 0:
-                p32.mul_(1 - lr * wd)
-            p32.addcdiv_(d, w, value=-lr)
-            write_back([p], [p32])
+            _adamw_update_(p, g, d, w, weight, group["lr"], group["weight_decay"])
 
 def _am_adamw_capturable_sums(
     grads: list[Tensor],

@@ -84,20 +84,28 @@ class SPAM(StepCountedOptimizer):
         clipping). reset_interval: ΔT steps between moment resets (default 500; 0 never resets).
         warmup_steps: N cosine warm-up steps after each reset (default 150). clip_delay: D steps after
         a reset before clipping starts (default 20; must be >= 2 when clipping is on). state_bits: 32
-        (8-bit state is not implemented yet). foreach: multi-tensor path (default: on for CUDA params).
+        (fp32 moments) or 8: block-wise dynamic 8-bit moments (``lightning_optim.lowbit``) for
+        parameters with >= 4096 elements, 2.03 bytes per parameter instead of 8; smaller tensors keep
+        fp32. Each such parameter is dequantized, updated with the same equations and requantized, one
+        tensor at a time; a reset writes the zero code. Keep embeddings in a ``state_bits=32`` group
+        (they are sensitive to 8-bit state). foreach: multi-tensor path (default: on for CUDA params).
         compile: run the multi-tensor step through ``torch.compile`` (default False), which fuses it
         into a few kernels. Every per-step value (lr·s, the reset mask, the step counters) is then a
         device tensor, so it compiles at most twice (clipping off/on) and never syncs; ``step`` state
         lives on the parameter's device, as in torch's capturable Adam. The first steps pay the
-        compile time.
+        compile time. ``compile=True`` with ``state_bits=8`` raises ``ValueError``.
 
     Deviations from the authors' code (see shared/specs/spam.md): ε is added to √v̂ (torch's form, so
     SPAM reduces exactly to AdamW + callbacks), the reset interval is an argument, clipping is disabled
     with ``threshold=inf`` instead of 0, weight decay comes before the update and is warmed up with it,
     T lives in ``param_groups[*]["global_step"]`` so resumes are exact, no sparse momentum, no host syncs.
     Clipped gradients are written back into ``p.grad``. State per parameter: ``exp_avg``,
-    ``exp_avg_sq`` (fp32 for bf16/fp16 parameters) and ``step`` (CPU float32), as torch Adam.
+    ``exp_avg_sq`` (fp32 for bf16/fp16 parameters) and ``step`` (CPU float32), as torch Adam; with
+    8-bit state ``exp_avg_codes``/``exp_avg_absmax`` and ``exp_avg_sq_codes``/``exp_avg_sq_absmax``
+    (uint8 codes in the parameter's shape, fp32 absmax per 256-block) replace the moments.
     """
+
+    _moments = {"exp_avg": True, "exp_avg_sq": False}
 
     def __init__(
         self,
@@ -142,8 +150,8 @@ class SPAM(StepCountedOptimizer):
             check_int("clip_delay", group["clip_delay"], 2)
         else:
             check_int("clip_delay", group["clip_delay"], 0)
-        check_state_bits(group["state_bits"])
         check_compile(group["compile"])
+        check_state_bits(group["state_bits"], group["compile"])
 
     def _step(self, step: int) -> None:
         for group in self.param_groups:
@@ -151,8 +159,10 @@ class SPAM(StepCountedOptimizer):
             if not params:
                 continue
             k, is_reset, scale = spam_schedule(step, group["reset_interval"], group["warmup_steps"])
-            states = [self._init_state(p, ("exp_avg", "exp_avg_sq"), on_device=group["compile"]) for p in params]
-            if group["compile"]:
+            states = [
+                self._init_state(p, ("exp_avg", "exp_avg_sq"), on_device=group["compile"], group=group) for p in params
+            ]
+            if group["compile"]:  # never 8-bit: validation rejects compile=True with state_bits=8
                 self._compiled_group_step(group, params, states, group["lr"] * scale, is_reset, k)
                 continue
             beta1, beta2 = group["betas"]
@@ -166,15 +176,20 @@ class SPAM(StepCountedOptimizer):
                 reset=is_reset,
             )
             fn = _spam_foreach if self._use_foreach(group, params) else _spam_single_tensor
-            fn(
-                params,
-                [p.grad for p in params],
-                [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states],
-                [s["step"] for s in states],
-                **kwargs,
-            )
-
+            full, low_bit = self._split_by_layout(states)
+            if full:
+                fn(
+                    [params[i] for i in full],
+                    [params[i].grad for i in full],
+                    [states[i]["exp_avg"] for i in full],
+                    [states[i]["exp_avg_sq"] for i in full],
+                    [states[i]["step"] for i in full],
+                    **kwargs,
+                )
+            for i in low_bit:  # 8-bit moments: the same update on fp32 copies, one tensor at a time
+                p, state = params[i], states[i]
+                with self._low_bit_moments(p, state, reset=is_reset) as (exp_avg, exp_avg_sq):
+                    fn([p], [p.grad], [exp_avg], [exp_avg_sq], [state["step"]], **kwargs)
 
     def _compiled_group_step(
         self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]], lr: float, reset: bool, k: int

@@ -21,6 +21,7 @@ from lightning_optim._base import (
     check_range,
     check_state_bits,
     compiled,
+    state_dtype,
     write_back,
 )
 
@@ -62,10 +63,15 @@ class StableSPAM(StepCountedOptimizer):
         gamma2: EMA of the squared norm (default 0.9). gamma3: EMA of max|g| (default 0.999).
         total_steps: length of the cosine β1/γ1 schedule (default None: no schedule). eta_min: its floor
         (default 0.5). reset_interval: ΔT steps between moment resets (default 1000; 0 never resets).
-        state_bits: 32 (8-bit state is not implemented yet). foreach: multi-tensor path (default: on
-        for CUDA params). compile: run the multi-tensor step through ``torch.compile`` (default False);
-        lr, β1', γ1', the reset mask and the counters are then device tensors, so it compiles once per
-        group and never syncs (``step``/``stat_step`` live on the parameter's device).
+        state_bits: 32 (fp32 moments) or 8: block-wise dynamic 8-bit ``exp_avg``/``exp_avg_sq``
+        (``lightning_optim.lowbit``) for parameters with >= 4096 elements, 2.03 bytes per parameter
+        instead of 8; smaller tensors and the scalars (m_max, m_norm, v_norm, counters) stay fp32. Each
+        such parameter is dequantized, updated with the same equations and requantized, one tensor at a
+        time; a reset writes the zero code. Keep embeddings in a ``state_bits=32`` group. foreach:
+        multi-tensor path (default: on for CUDA params). compile: run the multi-tensor step through
+        ``torch.compile`` (default False); lr, β1', γ1', the reset mask and the counters are then device
+        tensors, so it compiles once per group and never syncs (``step``/``stat_step`` live on the
+        parameter's device). ``compile=True`` with ``state_bits=8`` raises ``ValueError``.
 
     The authors recommend lr 4e-4, γ1 0.7, γ2 0.9, γ3 0.999, reset 500 for 4-bit training and lr 8e-4,
     γ1 0.85, γ2 0.99999, reset 1000 for BF16, with total_steps = the number of training steps.
@@ -76,10 +82,12 @@ class StableSPAM(StepCountedOptimizer):
     ``param_groups[*]["global_step"]``; arguments renamed (update_proj_gap → reset_interval, total_T →
     total_steps, theta → gamma3); no amsgrad; no host syncs. ``p.grad`` of fp32 parameters is
     overwritten with the clipped, normalised gradient. State per parameter: ``exp_avg``,
-    ``exp_avg_sq``, ``step`` (k), ``stat_step`` (u), ``m_max``, ``m_norm``, ``v_norm``.
+    ``exp_avg_sq``, ``step`` (k), ``stat_step`` (u), ``m_max``, ``m_norm``, ``v_norm``; with 8-bit
+    state the moments are ``<key>_codes`` (uint8) and ``<key>_absmax`` (fp32 per 256-block).
     """
 
     _counter_keys = ("step", "stat_step")
+    _moments = {"exp_avg": True, "exp_avg_sq": False}
 
     def __init__(
         self,
@@ -127,14 +135,16 @@ class StableSPAM(StepCountedOptimizer):
             check_int("total_steps", group["total_steps"], 1)
         check_range("eta_min", group["eta_min"], 0.0, 1.0, low_open=True)
         check_int("reset_interval", group["reset_interval"], 0)
-        check_state_bits(group["state_bits"])
         check_compile(group["compile"])
+        check_state_bits(group["state_bits"], group["compile"])
 
-    def _init_stable_state(self, p: Tensor, on_device: bool) -> dict[str, Any]:
-        state = self._init_state(p, ("exp_avg", "exp_avg_sq"), counters=self._counter_keys, on_device=on_device)
-        if "m_max" not in state:
+    def _init_stable_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self._init_state(
+            p, ("exp_avg", "exp_avg_sq"), counters=self._counter_keys, on_device=group["compile"], group=group
+        )
+        if "m_max" not in state:  # scalars stay full precision with 8-bit moments too
             for key in _STATS:
-                state[key] = torch.zeros((), dtype=state["exp_avg"].dtype, device=p.device)
+                state[key] = torch.zeros((), dtype=state_dtype(p), device=p.device)
         return state
 
     def _step(self, step: int) -> None:
@@ -144,10 +154,11 @@ class StableSPAM(StepCountedOptimizer):
                 continue
             scale = stable_spam_schedule(step, group["total_steps"], group["eta_min"])
             interval = group["reset_interval"]
-            states = [self._init_stable_state(p, group["compile"]) for p in params]
+            states = [self._init_stable_state(p, group) for p in params]
+            full, low_bit = self._split_by_layout(states)
             beta1, beta2 = group["betas"]
-            lists = [params, [p.grad for p in params]]
-            lists += [[s[key] for s in states] for key in ("exp_avg", "exp_avg_sq", "step", "stat_step", *_STATS)]
+            lists = [[params[i] for i in full], [params[i].grad for i in full]]
+            lists += [[states[i][key] for i in full] for key in ("exp_avg", "exp_avg_sq", "step", "stat_step", *_STATS)]
             reset = interval > 0 and step % interval == 0
             hyper = dict(
                 gamma2=group["gamma2"], gamma3=group["gamma3"], eps=group["eps"], beta2=beta2,
@@ -162,7 +173,13 @@ class StableSPAM(StepCountedOptimizer):
                     compiled(_stable_spam_capturable)(*dev_lists, *tensors, **hyper)
                 continue
             fn = _stable_spam_foreach if self._use_foreach(group, params) else _stable_spam_single_tensor
-            fn(*lists, reset=reset, **per_step, **hyper)
+            if full:
+                fn(*lists, reset=reset, **per_step, **hyper)
+            for i in low_bit:  # 8-bit moments: the same update on fp32 copies, one tensor at a time
+                p, state = params[i], states[i]
+                with self._low_bit_moments(p, state, reset=reset) as (exp_avg, exp_avg_sq):
+                    tensors = [p, p.grad, exp_avg, exp_avg_sq] + [state[key] for key in ("step", "stat_step", *_STATS)]
+                    fn(*[[t] for t in tensors], reset=reset, **per_step, **hyper)
 
 
 def _stable_spam_single_tensor(

@@ -194,6 +194,27 @@ def test_spam_infinite_threshold_allows_small_clip_delay() -> None:
 
 
 @pytest.mark.parametrize("cls", [SPAM, StableSPAM, AdaptiveMomentumSGD, AdaptiveMomentumAdamW])
-def test_eight_bit_state_is_reported_as_not_implemented(cls: type) -> None:
-    with pytest.raises(NotImplementedError, match="state_bits=8"):
-        cls([torch.nn.Parameter(torch.zeros(2))], state_bits=8)
+def test_eight_bit_state_is_accepted_and_used_for_large_tensors(cls: type) -> None:
+    big, small = torch.nn.Parameter(torch.randn(64, 64)), torch.nn.Parameter(torch.randn(10))
+    optimizer = cls([big, small], state_bits=8)
+    big.grad, small.grad = torch.randn_like(big), torch.randn_like(small)
+    optimizer.step()
+    key = "momentum_buffer" if cls is AdaptiveMomentumSGD else "exp_avg"
+    assert optimizer.state[big][f"{key}_codes"].dtype == torch.uint8 and key not in optimizer.state[big]
+    assert optimizer.state[small][key].dtype == torch.float32  # < 4096 elements: fp32
+
+
+@pytest.mark.parametrize("cls", [SPAM, StableSPAM, AdaptiveMomentumSGD, AdaptiveMomentumAdamW])
+@pytest.mark.parametrize("bits", [16, 4, "8", True])
+def test_bad_state_bits_raise_value_error(cls: type, bits: object) -> None:
+    with pytest.raises(ValueError, match="state_bits"):
+        cls([torch.nn.Parameter(torch.zeros(2))], state_bits=bits)
+
+
+@pytest.mark.parametrize("cls", [SPAM, StableSPAM, AdaptiveMomentumAdamW])
+def test_compile_with_eight_bit_state_raises_value_error_naming_both(cls: type) -> None:
+    with pytest.raises(ValueError, match="compile=True.*state_bits=8"):
+        cls([torch.nn.Parameter(torch.zeros(2))], state_bits=8, compile=True)
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="state_bits=8"):  # per-group override too
+        cls([{"params": [a]}, {"params": [b], "state_bits": 8}], compile=True)
