@@ -81,6 +81,16 @@ def test_monitor_mode_leaves_training_bit_identical() -> None:
     assert all(r > 0 for r in callback.ratios)
 
 
+def test_control_mode_that_never_acts_is_bit_identical() -> None:
+    plain = Regression(_adamw())
+    fit(plain, [], max_steps=10)
+    controlled = Regression(_adamw())
+    callback = LRSafetyRadius(mode="control", target_ratio=1e9)
+    fit(controlled, [callback], max_steps=10)
+    assert float(callback.scaled_steps) == 0 and float(callback.scale) == 1.0
+    assert torch.equal(flat_params(controlled), flat_params(plain))
+
+
 def test_probe_with_dropout_is_deterministic() -> None:
     module = NoisyRegression(_adamw())
     callback = LRSafetyRadius(every_n_steps=1)

@@ -73,3 +73,36 @@ def test_recorder_catches_host_reads(read, expected: list[str]) -> None:
     with recorder:
         read(torch.randn(4))
     assert [fn for fn, _ in recorder.reads] == expected
+
+
+@pytest.mark.parametrize("mode", ["monitor", "control"])
+@pytest.mark.parametrize("method", ["jvp", "finite_difference"])
+def test_lr_safety_probe_reads_nothing_on_the_host(mode: str, method: str) -> None:
+    """A probe step of LRSafetyRadius (snapshot, JVP/FD, radius, controller scale, rescale) never reads
+    a tensor on the host: r and s stay on the device until a logging step."""
+    import types
+
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from callback_models import Regression
+    from lightning_optim.callbacks import LRSafetyRadius
+
+    module = Regression(lambda p: torch.optim.AdamW(p, lr=1.0))
+    opt = module.configure_optimizers()
+    callback = LRSafetyRadius(mode=mode, every_n_steps=1, target_ratio=0.01, method=method)
+    trainer = types.SimpleNamespace(strategy=SingleDeviceStrategy(torch.device("cpu")), optimizers=[opt])
+    callback.on_fit_start(trainer, module)
+    x, y = torch.randn(8, 6), torch.randn(8, 3)
+    callback.on_train_batch_start(trainer, module, (x, y), 0)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(module(x), y).backward()
+        recorder = HostReadRecorder()
+        with recorder:
+            opt.step()
+        step_counters = {id(s["step"]) for s in opt.state.values()}
+        offending = [(fn, tuple(t.shape)) for fn, t in recorder.reads if id(t) not in step_counters]
+        assert not offending, f"host reads in a probe step: {offending}"
+    assert callback.completed == 3 and float(callback.ratio) > 0
+    if mode == "control":
+        assert float(callback.scale) < 1
