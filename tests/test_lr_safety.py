@@ -15,8 +15,8 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from callback_models import Regression, fit, flat_params
-from lightning_optim.callbacks import LRSafetyRadius
+from callback_models import GradientSpike, Regression, fit, flat_params
+from lightning_optim.callbacks import LRSafetyRadius, SpikeGuard
 from lightning_optim.callbacks.lr_safety import _check_strategy
 from lightning_optim.examples.digits import DigitsDataModule
 from lightning_optim.monitors import safety_radius
@@ -187,6 +187,17 @@ def test_controller_caps_the_ratio_of_a_10000x_adamw_step() -> None:
     assert res.ratio.item() <= 1.0 + 1e-4
     assert res.ratio.item() == pytest.approx(1.0, rel=1e-3)
     assert float(callback.scaled_steps) >= 1
+
+
+@pytest.mark.parametrize("action", ["skip", "reset"])
+def test_composes_with_spike_guard(action: str) -> None:
+    """A skipped step has p = 0 for the controller or is restored after it; a reset step is probed as usual."""
+    module = Regression(_adamw())
+    guard, controller = SpikeGuard(warmup_steps=10, action=action), Probed(mode="control", target_ratio=0.5)
+    fit(module, [GradientSpike({20}, 1e4), controller, guard], max_steps=30)
+    assert float(guard._states[0].counters[0]) == 1.0  # the spike was seen
+    assert controller.completed == 30 and len(controller.scales) == 30
+    assert torch.isfinite(flat_params(module)).all()
 
 
 # --------------------------------------------------------------------------- logits sources
