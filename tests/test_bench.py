@@ -24,6 +24,14 @@ def bench():
     sys.modules.pop(spec.name, None)
 
 
+def _load_script(name: str):
+    """A bench script as a module (bench/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH.with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_param_set_is_gpt2_small(bench) -> None:
     shapes = bench.gpt2_shapes(1.0)
     assert len(shapes) == 149
@@ -59,10 +67,7 @@ def test_optimizer_step_bench_cpu(bench, tmp_path: Path) -> None:
 
 
 def test_callback_overhead_bench_cpu_smoke(tmp_path: Path) -> None:
-    path = BENCH.with_name("callback_overhead.py")
-    spec = importlib.util.spec_from_file_location("bench_callback_overhead", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_script("callback_overhead")
     out = tmp_path / "c.json"
     argv = ["--device", "cpu", "--size", "tiny", "--seq-len", "32", "--batch-size", "4", "--steps", "3",
             "--warmup", "2", "--only", "all_ours", "--out", str(out)]
@@ -73,10 +78,7 @@ def test_callback_overhead_bench_cpu_smoke(tmp_path: Path) -> None:
 
 def test_lr_spike_bench_controller_keeps_the_spike_free_accuracy(tmp_path: Path) -> None:
     """Spec check 10 at smoke scale: digits MLP, AdamW lr 1e-3 x 1000 at step 50 for one step."""
-    path = BENCH.with_name("lr_spike.py")
-    spec = importlib.util.spec_from_file_location("bench_lr_spike", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_script("lr_spike")
     out = tmp_path / "lr.json"
     argv = ["--device", "cpu", "--tasks", "digits,gpt", "--factors", "1000", "--durations", "1",
             "--digits-steps", "120", "--gpt-steps", "12", "--gpt-spike-at", "6", "--seq-len", "32",
@@ -94,10 +96,7 @@ def test_lr_spike_bench_controller_keeps_the_spike_free_accuracy(tmp_path: Path)
 
 
 def test_lowbit_stability_bench_cpu_smoke(tmp_path: Path) -> None:
-    path = BENCH.with_name("lowbit_stability.py")
-    spec = importlib.util.spec_from_file_location("bench_lowbit_stability", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_script("lowbit_stability")
     out = tmp_path / "q.json"
     argv = ["--device", "cpu", "--size", "tiny", "--steps", "3", "--seq-len", "32", "--batch-size", "4",
             "--val-batches", "1", "--lrs", "1e-3", "--only", "fp_adamw,q_stable_spam", "--activations",
