@@ -17,9 +17,9 @@ from lightning_optim._base import check_int, check_range
 from lightning_optim.callbacks._logging import log_scalars
 from lightning_optim.monitors import tags
 from lightning_optim.monitors.safety_radius import (
-    METHODS,
     Method,
     check_fd_epsilon,
+    check_method,
     controller_scale,
     directional_slopes,
     eval_mode,
@@ -106,8 +106,7 @@ class LRSafetyRadius(Callback):
         check_int("every_n_steps", every_n_steps, 1)
         check_range("target_ratio", target_ratio, 0.0, None, low_open=True)
         check_int("max_samples", max_samples, 1)
-        if method not in METHODS:
-            raise ValueError(f"Invalid method: {method!r}; allowed values are {', '.join(map(repr, METHODS))}.")
+        check_method(method)
         check_fd_epsilon(fd_epsilon)
         if logits_fn is not None and not callable(logits_fn):
             raise ValueError(f"Invalid logits_fn: {logits_fn!r}; must be callable as logits_fn(pl_module, batch).")

@@ -217,6 +217,36 @@ class StepCountedOptimizer(Optimizer):
         yield moments.load()
         moments.store()
 
+    def _step_by_layout(
+        self,
+        fn: Callable[..., None],
+        params: list[Tensor],
+        states: list[dict[str, Any]],
+        keys: tuple[str, ...],
+        *,
+        zero_moments: bool,
+        **kwargs: Any,
+    ) -> None:
+        """Run a functional step ``fn(params, grads, *state_lists, **kwargs)`` (state lists in ``keys`` order).
+
+        Parameters with full-precision moments go through one multi-tensor call; each one with 8-bit
+        moments goes through the same ``fn`` on fp32 copies of its moments, one tensor at a time
+        (``zero_moments``: a reset step, the copies start from exact zeros).
+        """
+        full, low_bit = self._split_by_layout(states)
+        if full:
+            fn(
+                [params[i] for i in full],
+                [params[i].grad for i in full],
+                *[[states[i][key] for i in full] for key in keys],
+                **kwargs,
+            )
+        for i in low_bit:
+            p, state = params[i], states[i]
+            with self._low_bit_moments(p, state, reset=zero_moments) as moments:
+                copies = dict(zip(self._moments, moments))
+                fn([p], [p.grad], *[[copies[key] if key in copies else state[key]] for key in keys], **kwargs)
+
     def _device_scalar(self, name: str, device: torch.device, value: float) -> Tensor:
         """A persistent 0-dim float32 tensor on ``device`` set to ``value`` for a compiled step.
 

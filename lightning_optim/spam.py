@@ -176,20 +176,7 @@ class SPAM(StepCountedOptimizer):
                 reset=is_reset,
             )
             fn = _spam_foreach if self._use_foreach(group, params) else _spam_single_tensor
-            full, low_bit = self._split_by_layout(states)
-            if full:
-                fn(
-                    [params[i] for i in full],
-                    [params[i].grad for i in full],
-                    [states[i]["exp_avg"] for i in full],
-                    [states[i]["exp_avg_sq"] for i in full],
-                    [states[i]["step"] for i in full],
-                    **kwargs,
-                )
-            for i in low_bit:  # 8-bit moments: the same update on fp32 copies, one tensor at a time
-                p, state = params[i], states[i]
-                with self._low_bit_moments(p, state, reset=is_reset) as (exp_avg, exp_avg_sq):
-                    fn([p], [p.grad], [exp_avg], [exp_avg_sq], [state["step"]], **kwargs)
+            self._step_by_layout(fn, params, states, ("exp_avg", "exp_avg_sq", "step"), zero_moments=is_reset, **kwargs)
 
     def _compiled_group_step(
         self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]], lr: float, reset: bool, k: int

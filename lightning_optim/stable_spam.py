@@ -155,10 +155,8 @@ class StableSPAM(StepCountedOptimizer):
             scale = stable_spam_schedule(step, group["total_steps"], group["eta_min"])
             interval = group["reset_interval"]
             states = [self._init_stable_state(p, group) for p in params]
-            full, low_bit = self._split_by_layout(states)
             beta1, beta2 = group["betas"]
-            lists = [[params[i] for i in full], [params[i].grad for i in full]]
-            lists += [[states[i][key] for i in full] for key in ("exp_avg", "exp_avg_sq", "step", "stat_step", *_STATS)]
+            keys = ("exp_avg", "exp_avg_sq", "step", "stat_step", *_STATS)
             reset = interval > 0 and step % interval == 0
             hyper = dict(
                 gamma2=group["gamma2"], gamma3=group["gamma3"], eps=group["eps"], beta2=beta2,
@@ -166,6 +164,8 @@ class StableSPAM(StepCountedOptimizer):
             )
             per_step = dict(lr=group["lr"], beta1=beta1 * scale, gamma1=group["gamma1"] * scale)
             if group["compile"]:  # per-step values go in as device tensors, in the capturable step's order
+                # never 8-bit: validation rejects compile=True with state_bits=8
+                lists = [params, [p.grad for p in params]] + [[s[key] for s in states] for key in keys]
                 per_step["keep"] = 0.0 if reset else 1.0
                 for dev_lists, _ in self._group_tensors_by_device_and_dtype(lists).values():
                     device = dev_lists[0][0].device
@@ -173,13 +173,7 @@ class StableSPAM(StepCountedOptimizer):
                     compiled(_stable_spam_capturable)(*dev_lists, *tensors, **hyper)
                 continue
             fn = _stable_spam_foreach if self._use_foreach(group, params) else _stable_spam_single_tensor
-            if full:
-                fn(*lists, reset=reset, **per_step, **hyper)
-            for i in low_bit:  # 8-bit moments: the same update on fp32 copies, one tensor at a time
-                p, state = params[i], states[i]
-                with self._low_bit_moments(p, state, reset=reset) as (exp_avg, exp_avg_sq):
-                    tensors = [p, p.grad, exp_avg, exp_avg_sq] + [state[key] for key in ("step", "stat_step", *_STATS)]
-                    fn(*[[t] for t in tensors], reset=reset, **per_step, **hyper)
+            self._step_by_layout(fn, params, states, keys, zero_moments=reset, reset=reset, **per_step, **hyper)
 
 
 def _stable_spam_single_tensor(

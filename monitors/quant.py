@@ -16,6 +16,8 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from lightning_optim.monitors.modes import eval_mode
+
 __all__ = [
     "LayerError",
     "QuantizedTensor",
@@ -221,9 +223,7 @@ def _decompose(
     targets: dict[str, nn.Module],
 ) -> tuple[dict[str, LayerError], dict[str, Tensor]]:
     """:func:`layer_error_decomposition` plus the clean input of each target (for activation statistics)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()  # no dropout: both passes must see the same function
-    try:
+    with eval_mode(model):  # no dropout: both passes must see the same function
         clean = _capture(model, inputs, targets)
         # modules the forward does not call (e.g. MultiheadAttention's out_proj, used through its weight)
         # have no input to measure: left out
@@ -238,9 +238,6 @@ def _decompose(
             for name, m in targets.items():
                 m.weight.copy_(saved[name])
         incoming = {name: m(quant[name][0]) for name, m in targets.items()}  # f(x~)
-    finally:
-        for m, mode in modes:
-            m.training = mode
     errors = {}
     for name in targets:
         h, h_q = (_stat_dtype(t) for t in (clean[name][1], quant[name][1]))

@@ -25,6 +25,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_optim.monitors.modes import eval_mode
+
 __all__ = [
     "SafetyRadius",
     "binary_exact_radius",
@@ -114,7 +116,7 @@ def directional_slopes(
     ``update`` get a zero tangent. Returns ``(a, method_used)``; ``"auto"`` tries forward-mode AD and falls
     back to central finite differences (with a warning) when the model has no forward-mode rule.
     """
-    _check_method(method)
+    check_method(method)
     check_fd_epsilon(fd_epsilon)
     unknown = sorted(set(update) - set(params))
     if unknown:
@@ -174,19 +176,6 @@ def functional_logits(
         return torch.func.functional_call(bound, {f"module.{name}": value for name, value in params.items()}, ())
 
     return logits_fn
-
-
-@contextlib.contextmanager
-def eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode (no dropout, no BatchNorm statistic updates); each module's own
-    ``training`` flag is restored afterwards, also for models that mix train and eval submodules."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
 
 
 class _BoundForward(torch.nn.Module):
@@ -272,7 +261,7 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_method(method: str) -> None:
+def check_method(method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"Invalid method: {method!r}; allowed values are {', '.join(map(repr, METHODS))}.")
 
