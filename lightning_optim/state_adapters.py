@@ -49,6 +49,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_optim.lowbit import dequantize_blockwise, device_map, zero_code
+
 __all__ = [
     "BitsAndBytesStateAdapter",
     "KeyedStateAdapter",
@@ -59,9 +61,7 @@ __all__ = [
     "state_adapter",
 ]
 
-BLOCK_SIZE = 256  # block of both our 8-bit layout and bitsandbytes' blockwise 8-bit states
 BNB_NESTED_KEY = "__bnb_optimizer_quant_state__"
-_ZERO_CODE = {True: 127, False: 0}  # index of the exact 0 in our signed / unsigned dynamic map
 
 
 # -- helpers -------------------------------------------------------------------------------------------
@@ -79,43 +79,14 @@ def _zero_(tensor: Tensor, mask: Tensor | None) -> None:
         tensor.masked_fill_(mask, 0)
 
 
-def _fill_codes_(codes: Tensor, zero_code: int | Tensor, mask: Tensor | None) -> None:
-    if isinstance(zero_code, int):
+def _fill_codes_(codes: Tensor, code: int | Tensor, mask: Tensor | None) -> None:
+    if isinstance(code, int):
         if mask is None:
-            codes.fill_(zero_code)
+            codes.fill_(code)
         else:
-            codes.masked_fill_(mask, zero_code)
+            codes.masked_fill_(mask, code)
     else:  # a device tensor: masked_fill_ with a tensor value reads it on the host, torch.where does not
-        codes.copy_(zero_code.expand_as(codes) if mask is None else torch.where(mask, zero_code, codes))
-
-
-def _dequantize(codes: Tensor, absmax: Tensor, qmap: Tensor) -> Tensor:
-    """qmap[code] · absmax of the code's 256-block (the last block may be shorter), in fp32, sync-free."""
-    n = codes.numel()
-    values = qmap.index_select(0, codes.reshape(-1).long())
-    # expand instead of repeat_interleave: the latter computes its output size on the host
-    scale = absmax.reshape(-1, 1).expand(-1, BLOCK_SIZE).reshape(-1)[:n]
-    return (values * scale).reshape(codes.shape)
-
-
-_MAPS: dict[tuple[bool, torch.device], Tensor] = {}
-
-
-def _dynamic_map(signed: bool, device: torch.device) -> Tensor:
-    """The 8-bit dynamic tree map of low_bit_and_qat.md A.2 (= bitsandbytes ``create_dynamic_map``), cached."""
-    key = (signed, device)
-    if key not in _MAPS:
-        parts = [torch.tensor([0.0, 1.0])]
-        for i in range(7):
-            bounds = torch.linspace(0.1, 1, (2**i if signed else 2 ** (i + 1)) + 1, dtype=torch.float32)
-            means = (10 ** (i - 6)) * ((bounds[:-1] + bounds[1:]) / 2.0)
-            parts += [means, -means] if signed else [means]
-        qmap = torch.cat(parts).sort().values
-        # Built on the CPU: the check reads host memory, not the device.
-        if len(qmap) != 256 or qmap.tolist()[_ZERO_CODE[signed]] != 0.0:
-            raise AssertionError("dynamic map has no exact 0 at its zero code")
-        _MAPS[key] = qmap.to(device)
-    return _MAPS[key]
+        codes.copy_(code.expand_as(codes) if mask is None else torch.where(mask, code, codes))
 
 
 _ZERO_CODES: dict[tuple[int, torch.device], tuple[Tensor, int, Tensor]] = {}
@@ -264,7 +235,7 @@ class KeyedStateAdapter(_NamedMomentsAdapter):
             return None
         codes = state.get(f"{key}_codes")
         if codes is not None:
-            return _dequantize(codes, state[f"{key}_absmax"], _dynamic_map(signed, codes.device))
+            return dequantize_blockwise(codes, state[f"{key}_absmax"], device_map(signed, codes.device))
         return state.get(key)  # None for torch SGD without momentum
 
     def first_moment(self, state: dict[str, Any]) -> Tensor | None:
@@ -281,7 +252,7 @@ class KeyedStateAdapter(_NamedMomentsAdapter):
             if key is None:
                 continue
             if f"{key}_codes" in state:
-                _fill_codes_(state[f"{key}_codes"], _ZERO_CODE[signed], mask)
+                _fill_codes_(state[f"{key}_codes"], zero_code(signed), mask)
                 _zero_(state[f"{key}_absmax"], mask)
             elif isinstance(state.get(key), Tensor):
                 _zero_(state[key], mask)
@@ -324,7 +295,7 @@ class BitsAndBytesStateAdapter(_NamedMomentsAdapter):
         if value is None or value.dtype != torch.uint8:
             return value
         i = key[-1]  # "state1" -> qmap1/absmax1
-        return _dequantize(value, tensors[f"absmax{i}"], tensors[f"qmap{i}"])
+        return dequantize_blockwise(value, tensors[f"absmax{i}"], tensors[f"qmap{i}"])
 
     def first_moment(self, state: dict[str, Any]) -> Tensor | None:
         return self._read(state, self.first)

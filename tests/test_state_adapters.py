@@ -14,11 +14,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_optim
 from lightning_optim import SPAM, AdaptiveMomentumAdamW, AdaptiveMomentumSGD, StableSPAM
+from lightning_optim.lowbit import device_map
 from lightning_optim.state_adapters import (
     BitsAndBytesStateAdapter,
     KeyedStateAdapter,
     StateAdapter,
-    _dynamic_map,
     iter_states,
     register_state_adapter,
     state_adapter,
@@ -331,7 +331,7 @@ def _quantize(x: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def test_our_8bit_layout_read_and_reset():
-    signed, unsigned = _dynamic_map(True, torch.device("cpu")), _dynamic_map(False, torch.device("cpu"))
+    signed, unsigned = device_map(True, "cpu"), device_map(False, "cpu")
     assert signed[127] == 0 and unsigned[0] == 0 and signed.min() > -1 and signed.max() == 1
     m, v = torch.randn(20, 30), torch.rand(20, 30)  # 600 entries: last block partial
     state = {"step": torch.tensor(7.0)}
@@ -461,7 +461,7 @@ def test_bitsandbytes_map_matches_ours():
     from bitsandbytes.functional import create_dynamic_map
 
     for signed in (True, False):
-        assert torch.equal(_dynamic_map(signed, torch.device("cpu")), create_dynamic_map(signed=signed))
+        assert torch.equal(device_map(signed, "cpu"), create_dynamic_map(signed=signed))
 
 
 # -- registry ----------------------------------------------------------------------------------------------
