@@ -105,11 +105,13 @@ def test_probe_with_dropout_is_deterministic() -> None:
 
 
 # --------------------------------------------------------------------------- 7. controller
-class KeepsOld(pl.Callback):
-    """θ_old, the gradient and the learning rate of every step (read inside the closure, before the update)."""
+class StepSnapshots(pl.Callback):
+    """θ_old, the gradient and the learning rate of every step (read inside the closure, before the update),
+    and the parameters after it."""
 
     def __init__(self) -> None:
         self.steps: list[tuple[list[torch.Tensor], list[torch.Tensor], float, object]] = []
+        self.after: list[list[torch.Tensor]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.batch = batch
@@ -118,6 +120,9 @@ class KeepsOld(pl.Callback):
         params = [p.detach().clone() for p in pl_module.parameters()]
         grads = [p.grad.detach().clone() for p in pl_module.parameters()]
         self.steps.append((params, grads, optimizer.param_groups[0]["lr"], self.batch))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.after.append([p.detach().clone() for p in pl_module.parameters()])
 
 
 def _digits(bench, lr: float, factor: float, at: int, optimizer: str = "adamw"):
@@ -138,17 +143,13 @@ def test_control_step_is_old_plus_scaled_update() -> None:
     bench = _bench()
     torch.manual_seed(0)
     model = _digits(bench, lr=0.5, factor=100.0, at=3, optimizer="sgd")
-    keep, after = KeepsOld(), []
+    keep = StepSnapshots()
     callback = Probed(mode="control", target_ratio=1.0, method="jvp")
 
-    class After(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            after.append([p.detach().clone() for p in pl_module.parameters()])
-
-    fit(model, [callback, keep, After()], max_steps=5, datamodule=DigitsDataModule(batch_size=64))
+    fit(model, [callback, keep], max_steps=5, datamodule=DigitsDataModule(batch_size=64))
     names = [n for n, _ in model.named_parameters()]
     acted = 0
-    for i, ((old, grads, lr, batch), new) in enumerate(zip(keep.steps, after)):
+    for i, ((old, grads, lr, batch), new) in enumerate(zip(keep.steps, keep.after)):
         update = {n: -lr * g for n, g in zip(names, grads)}
         rows = 1 if i == 0 else 64  # the first probe learns S from one row
         x = batch[0][:rows]
@@ -169,18 +170,14 @@ def test_controller_caps_the_ratio_of_a_10000x_adamw_step() -> None:
     bench = _bench()
     torch.manual_seed(0)
     model = _digits(bench, lr=1e-3, factor=1e4, at=4)
-    keep, after = KeepsOld(), []
+    keep = StepSnapshots()
     callback = Probed(mode="control", target_ratio=1.0)
 
-    class After(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            after.append([p.detach().clone() for p in pl_module.parameters()])
-
-    fit(model, [callback, keep, After()], max_steps=6, datamodule=DigitsDataModule(batch_size=64))
+    fit(model, [callback, keep], max_steps=6, datamodule=DigitsDataModule(batch_size=64))
     names = [n for n, _ in model.named_parameters()]
     old, _, lr, batch = keep.steps[4]
     assert lr == pytest.approx(10.0)
-    kept = {n: a - o for n, a, o in zip(names, after[4], old)}
+    kept = {n: a - o for n, a, o in zip(names, keep.after[4], old)}
     model.eval()
     res = safety_radius(functional_logits(model, lambda m: m(batch[0])), dict(zip(names, old)), kept, method="jvp")
     assert callback.ratios[4] > 100  # the proposed update was far outside the radius
