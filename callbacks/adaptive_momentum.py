@@ -5,15 +5,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_optim._base import check_range
-from lightning_optim.adaptive_momentum import _pull_towards_gradient_, _weighted_sq_sum, adaptive_beta, effective_beta
+from lightning_optim import registry
+from lightning_optim.functional import am_beta, effective_beta, pull_towards_, sum_of_squares
 from lightning_optim.callbacks._base import StabilityCallback, StepContext
 from lightning_optim.callbacks._pipeline import StepRecord
 from lightning_optim.monitors import tags
-from lightning_optim.spam import SPAM
 from lightning_optim.state_adapters import state_adapter
+from lightning_optim.validation import check_range
 
-_SUPPORTED = "torch.optim.SGD (momentum > 0, dampening == momentum, nesterov=False), torch.optim.Adam, torch.optim.AdamW, lightning_optim.SPAM"
+_SUPPORTED = (
+    "torch.optim.SGD (momentum > 0, dampening == momentum, nesterov=False), torch.optim.Adam, and every registered "
+    "optimizer whose first moment is Adam's EMA (registry flag adam_first_moment: torch.optim.AdamW, "
+    "lightning_optim.SPAM), and their subclasses"
+)
 
 
 class AdaptiveMomentum(StabilityCallback):
@@ -101,9 +105,11 @@ class AdaptiveMomentum(StabilityCallback):
         if not memories:
             return None
         diffs = torch._foreach_sub(memories, grads)
-        sq_grad = _weighted_sq_sum(grads, weights or None)
-        sq_diff = _weighted_sq_sum(diffs, weights or None)
-        beta_eff = effective_beta(adaptive_beta(sq_grad, sq_diff, self.memory_weight, self.beta_max), self.memory_weight)
+        sq_grad = sum_of_squares(grads, weights or None)
+        sq_diff = sum_of_squares(diffs, weights or None)
+        # float64 sums, so a model-wide sum above fp32's range stays finite; β in the moments' precision
+        beta = am_beta(sq_grad, sq_diff, self.memory_weight, self.beta_max).to(memories[0].dtype)
+        beta_eff = effective_beta(beta, self.memory_weight)
         # d ← (β_eff·d + (β0 − β_eff)·g′)/β0 = d − ((β0 − β_eff)/β0)·(d − g′), per group's β0
         finite = torch.isfinite(sq_grad) & torch.isfinite(sq_diff)
         for beta0 in sorted(set(beta0s)):
@@ -112,11 +118,11 @@ class AdaptiveMomentum(StabilityCallback):
             group_memories = [memories[i] for i in idx]
             if keep_if_nonfinite:
                 mixed = [d.clone() for d in group_memories]
-                _pull_towards_gradient_(mixed, [diffs[i] for i in idx], weight)
+                pull_towards_(mixed, [diffs[i] for i in idx], weight)
                 for d, new in zip(group_memories, mixed):
                     torch.where(finite, new, d, out=d)
             else:
-                _pull_towards_gradient_(group_memories, [diffs[i] for i in idx], weight)
+                pull_towards_(group_memories, [diffs[i] for i in idx], weight)
         return beta_eff
 
     def metrics(self, record: StepRecord) -> dict[str, Tensor | float]:
@@ -125,8 +131,10 @@ class AdaptiveMomentum(StabilityCallback):
 
 
 def _kind(optimizer: torch.optim.Optimizer) -> str:
+    """"sgd" or "adam": which first-moment update the pre-mix inverts (subclasses included)."""
     name = type(optimizer).__name__
-    if type(optimizer) is torch.optim.SGD:
+    info = registry.info_for(optimizer)
+    if isinstance(optimizer, torch.optim.SGD):
         for group in optimizer.param_groups:
             if not group["momentum"] > 0 or group["dampening"] != group["momentum"] or group["nesterov"]:
                 raise ValueError(
@@ -135,7 +143,7 @@ def _kind(optimizer: torch.optim.Optimizer) -> str:
                     f"nesterov={group['nesterov']})."
                 )
         return "sgd"
-    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW, SPAM):
+    if isinstance(optimizer, torch.optim.Adam) or (info is not None and info.adam_first_moment):
         for group in optimizer.param_groups:
             if not float(group["betas"][0]) > 0:
                 raise ValueError(f"AdaptiveMomentum needs betas[0] > 0 for {name} (got {group['betas'][0]}).")
@@ -157,8 +165,10 @@ def _consumed_gradient(p: Tensor, coupled_decay: float, maximize: bool, amp_scal
 
 def _coupled_decay(optimizer: torch.optim.Optimizer, group: dict) -> float:
     """Weight decay that torch adds to the gradient before the first moment (SGD, Adam; not AdamW, SPAM)."""
-    coupled = type(optimizer) is torch.optim.SGD or (
-        type(optimizer) is torch.optim.Adam and not group.get("decoupled_weight_decay", False)
+    coupled = isinstance(optimizer, torch.optim.SGD) or (
+        isinstance(optimizer, torch.optim.Adam)
+        and not isinstance(optimizer, torch.optim.AdamW)
+        and not group.get("decoupled_weight_decay", False)
     )
     return float(group.get("weight_decay", 0.0)) if coupled else 0.0
 

@@ -9,31 +9,41 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-__all__ = ["OPTIMIZERS", "build_optimizer", "LossHistory"]
+__all__ = ["OPTIMIZERS", "build_optimizer", "optimizer_name", "LossHistory"]
 
-OPTIMIZERS = ("spam", "stable_spam", "am_adamw", "am_sgd", "adamw")
+def _registered() -> tuple[str, ...]:
+    from lightning_optim import registry  # here, not at module level: the models and data import without it
+
+    return tuple(e.name for e in registry.optimizers())
+
+
+#: the names ``--optimizer`` accepts: every registered optimizer (aliases such as ``stable_spam`` work too)
+OPTIMIZERS = _registered()
+
+
+def optimizer_name(value: str) -> str:
+    """``argparse`` type for ``--optimizer``: a registered name or alias, else an error listing them."""
+    import argparse
+
+    from lightning_optim import registry
+
+    try:
+        registry.get(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
 
 
 def build_optimizer(
     name: str, params: Iterable[Any], lr: float, total_steps: int | None = None
 ) -> torch.optim.Optimizer:
-    """The optimizer ``name`` (one of :data:`OPTIMIZERS`) over ``params`` with learning rate ``lr``.
+    """The registered optimizer ``name`` (a name or alias, see :data:`OPTIMIZERS`) with learning rate ``lr``.
 
-    ``total_steps`` sets Stable-SPAM's β1 schedule length (the run's number of steps); others ignore it.
+    ``total_steps`` goes to the optimizers that need the run's length (Stable-SPAM's β1 schedule).
     """
-    import lightning_optim  # here, not at module level: the models and data import without it
+    from lightning_optim import registry
 
-    if name == "spam":
-        return lightning_optim.SPAM(params, lr=lr)
-    if name == "stable_spam":
-        return lightning_optim.StableSPAM(params, lr=lr, total_steps=total_steps)
-    if name == "am_adamw":
-        return lightning_optim.AdaptiveMomentumAdamW(params, lr=lr)
-    if name == "am_sgd":
-        return lightning_optim.AdaptiveMomentumSGD(params, lr=lr)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr)
-    raise ValueError(f"Unknown optimizer {name!r}; choose one of {OPTIMIZERS}.")
+    return registry.build(name, params, total_steps=total_steps, lr=lr)
 
 
 class LossHistory(pl.Callback):

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_optim.examples._script import OPTIMIZERS, LossHistory, build_optimizer
+from lightning_optim.examples._script import OPTIMIZERS, LossHistory, build_optimizer, optimizer_name
 
 __all__ = ["DigitsDataModule", "DigitsClassifier", "main"]
 
@@ -147,7 +147,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="spam")
+    parser.add_argument(
+        "--optimizer", type=optimizer_name, default="spam", help=f"a registered optimizer: {', '.join(OPTIMIZERS)}"
+    )
     parser.add_argument("--max-steps", type=int, default=200)
     parser.add_argument("--arch", choices=("mlp", "cnn"), default="mlp")
     parser.add_argument("--accelerator", default="auto")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from lightning_optim.examples._script import OPTIMIZERS, LossHistory, build_optimizer
+from lightning_optim.examples._script import OPTIMIZERS, LossHistory, build_optimizer, optimizer_name
 
 __all__ = [
     "ByteWindows",
@@ -384,7 +384,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="spam")
+    parser.add_argument(
+        "--optimizer", type=optimizer_name, default="spam", help=f"a registered optimizer: {', '.join(OPTIMIZERS)}"
+    )
     parser.add_argument("--max-steps", type=int, default=60)
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--accelerator", default="auto")

@@ -3,14 +3,17 @@
 Optimizers (usable from ``configure_optimizers`` and from LightningCLI by ``class_path`` or short name):
 :class:`SPAM`, :class:`StableSPAM`, :class:`AdaptiveMomentumSGD`, :class:`AdaptiveMomentumAdamW`
 (``state_bits=8`` stores their moments block-wise in 8 bits, see :mod:`lightning_optim.lowbit`).
+The registry of optimizers and their capabilities: :func:`optimizers` (``lightning-optim optimizers`` prints
+it); the shared math: :mod:`lightning_optim.functional`; validators: :mod:`lightning_optim.validation`.
 Parameter groups for any optimizer: :func:`param_groups`. Callbacks live in ``lightning_optim.callbacks``,
 pure-torch statistics in ``lightning_optim.monitors``.
 """
 
-from lightning_optim import lowbit
+from lightning_optim import functional, lowbit, registry, validation
 from lightning_optim.adaptive_momentum import AdaptiveMomentumAdamW, AdaptiveMomentumSGD
 from lightning_optim.lowbit import dequantize_blockwise, dynamic_map, quantize_blockwise
 from lightning_optim.param_groups import ParamGroups, param_groups
+from lightning_optim.registry import OptimizerInfo, optimizers
 from lightning_optim.spam import SPAM
 from lightning_optim.stable_spam import StableSPAM
 from lightning_optim.state_adapters import StateAdapter, register_state_adapter, state_adapter
@@ -22,6 +25,11 @@ __all__ = [
     "StableSPAM",
     "AdaptiveMomentumSGD",
     "AdaptiveMomentumAdamW",
+    "OptimizerInfo",
+    "optimizers",
+    "functional",
+    "registry",
+    "validation",
     "ParamGroups",
     "param_groups",
     "StateAdapter",

@@ -10,66 +10,65 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
+import warnings
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
 
+from lightning_optim.functional import adam_denoms_capturable, adam_step_, adam_step_foreach_
 from lightning_optim.lowbit import LowBitMoments, init_moment, is_low_bit, is_quantized, to_full_, to_low_bit_
+from lightning_optim.validation import (  # noqa: F401  (re-exported for code written against _base)
+    check_betas,
+    check_compile,
+    check_int,
+    check_range,
+    check_state_bits,
+)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
-
-def check_range(
-    name: str,
-    value: float,
-    low: float | None = None,
-    high: float | None = None,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` lies in the given interval."""
-    left = "(" if low_open else "["
-    right = ")" if high_open else "]"
-    allowed = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        raise ValueError(f"Invalid {name}: {value!r}; allowed range is {allowed}.")
+# kept for code written against the earlier names
+adam_update_single = adam_step_
+adam_update_foreach = adam_step_foreach_
+capturable_adam_denoms = adam_denoms_capturable
 
 
-def check_int(name: str, value: int, low: int) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is an integer >= ``low``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"Invalid {name}: {value!r}; must be an integer >= {low}.")
+@dataclass(frozen=True)
+class StateSpec:
+    """What an optimizer keeps per parameter, declared once on the class (``state_spec``).
 
+    The 8-bit layout, the moment reset, the state adapter the callbacks use, the conversion of a state
+    dict saved by another optimizer and the registry's capability flags all follow from it.
 
-def check_betas(betas: Any, names: tuple[str, ...] = ("beta1", "beta2")) -> None:
-    """Validate an Adam-style ``betas`` pair: each entry in [0, 1)."""
-    if not isinstance(betas, (tuple, list)) or len(betas) != len(names):
-        raise ValueError(f"Invalid betas: {betas!r}; expected a tuple of {len(names)} floats in [0, 1).")
-    for name, beta in zip(names, betas):
-        check_range(f"betas ({name})", float(beta) if isinstance(beta, Tensor) else beta, 0.0, 1.0, high_open=True)
+    Args:
+        moments: moment keys, in the order the functional steps take them, mapped to whether their 8-bit
+            form uses the signed dynamic map (first moments) or the unsigned one (second moments).
+        first_moment: the key of the EMA of g that momentum callbacks read and reset (None: none).
+        second_moment: the key of the raw (not bias-corrected) EMA of g², comparable to ``grad ** 2``,
+            so SpikeAwareClipping may clip against it (None: none kept, or not comparable).
+        counters: per-parameter step counters, kept as float32 CPU tensors (device ones when compiled).
+        scalars: further per-parameter 0-dim statistics (created as zeros), never reset.
+    """
 
+    moments: dict[str, bool] = field(default_factory=dict)
+    first_moment: str | None = None
+    second_moment: str | None = None
+    counters: tuple[str, ...] = ("step",)
+    scalars: tuple[str, ...] = ()
 
-def check_state_bits(state_bits: Any, compile: Any = False) -> None:
-    """Raise ``ValueError`` unless ``state_bits`` is 32 or 8, and for 8 together with ``compile=True``."""
-    if isinstance(state_bits, bool) or state_bits not in (32, 8):
-        raise ValueError(f"Invalid state_bits: {state_bits!r}; allowed values are 32 and 8.")
-    if state_bits == 8 and compile is True:
-        # The compiled steps are multi-tensor graphs over fp32 state; the 8-bit path is a per-tensor
-        # dequantize -> update -> requantize loop, which would recompile for every parameter shape.
-        raise ValueError(
-            "Invalid combination compile=True with state_bits=8: the compiled step needs fp32 state; "
-            "use compile=False with state_bits=8, or state_bits=32 with compile=True."
-        )
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every key a full-precision state of one parameter holds."""
+        return (*self.moments, *self.counters, *self.scalars)
+
+    def stored_keys(self) -> set[str]:
+        """Every key a state may hold, in either layout (``<key>_codes``/``<key>_absmax`` when 8-bit)."""
+        quantized = {f"{k}_{suffix}" for k in self.moments for suffix in ("codes", "absmax")}
+        return set(self.keys) | quantized
 
 
 def state_dtype(param: Tensor) -> torch.dtype:
@@ -97,14 +96,19 @@ class StepCountedOptimizer(Optimizer):
     key of ``optimizer.state``) because torch's and distributed checkpointing round-trip param groups.
     """
 
-    # Keys of per-parameter state that are counters: kept as float32 tensors on the CPU (as torch keeps
-    # Adam's ``step``) so that reading them never syncs with an accelerator.
-    _counter_keys: tuple[str, ...] = ("step",)
-    # Moment keys -> whether their 8-bit form uses the signed map (first moments) or the unsigned one.
-    _moments: dict[str, bool] = {}
+    #: the per-parameter state, declared once (see :class:`StateSpec`)
+    state_spec: StateSpec = StateSpec()
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
+
+    @property
+    def _moments(self) -> dict[str, bool]:
+        return self.state_spec.moments
+
+    @property
+    def _counter_keys(self) -> tuple[str, ...]:
+        return self.state_spec.counters
 
     # -- param groups ------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -153,36 +157,35 @@ class StepCountedOptimizer(Optimizer):
             params.append(p)
         return params
 
-    def _init_state(
-        self,
-        p: Tensor,
-        keys: Iterable[str],
-        counters: Iterable[str] = ("step",),
-        on_device: bool = False,
-        group: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        """Lazily create zero moments (fp32 for half-precision params) and float32 counters.
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """The state of ``p``, with every key of :attr:`state_spec` created if missing.
 
-        With ``group``, moments of a parameter that :func:`~lightning_optim.lowbit.is_low_bit` selects are
-        created in the 8-bit layout, and existing moments are converted when the group's ``state_bits``
-        changed. Counters live on the CPU, so reading them never syncs, unless ``on_device`` (a compiled
-        step reads them on the device, as torch's capturable Adam does). A counter found on the other side
-        (moved by Lightning's ``_optimizer_to_device`` on resume, or after switching paths) is moved once.
+        Moments start as exact zeros (fp32 for half-precision params), in the 8-bit layout when
+        :func:`~lightning_optim.lowbit.is_low_bit` selects ``p``; existing moments are converted when the
+        group's ``state_bits`` changed. Missing keys are filled one by one, so a state converted from
+        another optimizer (e.g. torch AdamW's ``exp_avg``/``exp_avg_sq``/``step``) gets what it lacks.
+        Counters live on the CPU, so reading them never syncs, unless the group is compiled (a compiled
+        step reads them on the device, as torch's capturable Adam does). A counter found on the other
+        side (moved by Lightning's ``_optimizer_to_device`` on resume, or after switching paths) is moved once.
         """
+        spec = self.state_spec
         state = self.state[p]
-        if not state:
-            low_bit = group is not None and is_low_bit(group, p)
-            for key in counters:
+        low_bit = self._match_layout(group, p, state)
+        for key in spec.counters:
+            if key not in state:
                 state[key] = torch.tensor(0.0, dtype=torch.float32)
-            for key in keys:
-                if low_bit:
-                    init_moment(state, key, self._moments[key], p)
-                else:
-                    state[key] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
-        elif group is not None:
-            self._match_layout(group, p, state)
-        device = p.device if on_device else torch.device("cpu")
-        for key in counters:
+        for key, signed in spec.moments.items():
+            if key in state or is_quantized(state, key):
+                continue
+            if low_bit:
+                init_moment(state, key, signed, p)
+            else:
+                state[key] = torch.zeros_like(p, dtype=state_dtype(p), memory_format=torch.preserve_format)
+        for key in spec.scalars:
+            if key not in state:
+                state[key] = torch.zeros((), dtype=state_dtype(p), device=p.device)
+        device = p.device if group.get("compile", False) else torch.device("cpu")
+        for key in spec.counters:
             if state[key].device != device:
                 state[key] = state[key].to(device)
         return state
@@ -261,22 +264,41 @@ class StepCountedOptimizer(Optimizer):
 
     # -- state_dict ---------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict without torch's cast of every state tensor to the parameter's dtype.
+        """Load a state dict: exact dtypes, re-validated hyper-parameters, foreign state converted or refused.
 
         torch casts all state to the parameter dtype, which would round fp32 moments of bf16 parameters to
         bf16, turn uint8 codes of 8-bit moments into floats and move CPU counters to the device; here each
         tensor keeps the dtype it was saved with (counters stay float32 on the CPU), so a resume continues
         bit for bit. ``state_bits`` is a storage choice of this run: each group keeps its own value (not
         the checkpoint's), and moments saved in the other layout (8-bit vs full precision) are converted.
+
+        Every loaded param group is validated like a constructor argument (a checkpoint edited to
+        ``lr=-5`` raises ``ValueError``, and the optimizer is left as it was). A state dict saved by
+        another optimizer (e.g. torch AdamW, after a config switched to SPAM) is converted when its
+        per-parameter state only holds keys this optimizer knows (:attr:`state_spec`): hyper-parameters
+        it lacks come from this optimizer's constructor arguments, missing state starts at zero, the
+        global step is taken from the saved ``step`` counts, and a ``UserWarning`` lists what was filled.
+        Any other state key raises ``ValueError`` naming the keys and what to do.
         """
+        state_dict = self._adopt_foreign(state_dict)
         saved = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         state_bits = [g.get("state_bits") for g in self.param_groups]
+        backup = ([dict(g) for g in self.param_groups], self.state)
         super().load_state_dict(state_dict)
         for group, bits in zip(self.param_groups, state_bits):
             if bits is not None:
                 group["state_bits"] = bits
-                check_state_bits(bits, group.get("compile", False))
+        try:
+            for i, group in enumerate(self.param_groups):
+                self._validate_group(group)
+        except ValueError as error:
+            self.param_groups[:] = backup[0]
+            self.state = backup[1]
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: param group {i} of the state dict is invalid: {error} "
+                "Fix the value in the checkpoint, or resume the model weights only."
+            ) from error
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, p in zip(saved_ids, params):
             if saved_id not in saved or p not in self.state:
@@ -293,74 +315,51 @@ class StepCountedOptimizer(Optimizer):
                 if self.state.get(p):
                     self._match_layout(group, p, self.state[p])
 
-
-def adam_update_single(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    t: float,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """Decoupled decay then the Adam moment update and step, in torch's single-tensor AdamW order."""
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    if weight_decay != 0:
-        param.mul_(1 - lr * weight_decay)
-    step_size = lr / (1 - beta1**t)
-    denom = (exp_avg_sq.sqrt() / (1 - beta2**t) ** 0.5).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-step_size)
-
-
-def adam_update_foreach(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    counts: list[float],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """Multi-tensor twin of :func:`adam_update_single` (torch's foreach AdamW order, per-tensor step counts)."""
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
-    step_sizes = [-(lr / (1 - beta1**t)) for t in counts]
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, [(1 - beta2**t) ** 0.5 for t in counts])
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
-
-
-def check_compile(compile: Any) -> None:
-    if not isinstance(compile, bool):
-        raise ValueError(f"Invalid compile: {compile!r}; must be True or False.")
+    def _adopt_foreign(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` itself when this optimizer saved it; else a converted copy, or a ``ValueError``."""
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict):
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict expects an optimizer state dict with 'state' and "
+                f"'param_groups', got keys {sorted(map(str, state_dict))}."
+            )
+        known = self.state_spec.stored_keys()
+        foreign_keys = sorted({str(k) for s in state_dict["state"].values() for k in s if k not in known})
+        missing = [sorted(k for k in self.defaults if k not in g) for g in groups]
+        if not foreign_keys and not any(missing) and all("global_step" in g for g in groups):
+            return state_dict
+        name = type(self).__name__
+        if foreign_keys:
+            raise ValueError(
+                f"{name}.load_state_dict: the state dict was saved by another optimizer (per-parameter state "
+                f"keys {foreign_keys} are not {name}'s {sorted(self.state_spec.keys)}; group keys "
+                f"{sorted({str(k) for g in groups for k in g} - {'params'})}). Resume with the optimizer that "
+                "saved it, or load only the model weights (e.g. `LightningModule.load_from_checkpoint` then a "
+                "fresh fit, or `torch.load(path)['state_dict']`) and let this optimizer start from zero."
+            )
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"{name}.load_state_dict: the state dict has {len(groups)} param groups, this optimizer has "
+                f"{len(self.param_groups)}; build it with the same param groups as the one that saved it."
+            )
+        steps = [float(s["step"]) for s in state_dict["state"].values() if "step" in s]
+        converted = []
+        for group, current in zip(groups, self.param_groups):
+            filled = {k: current[k] for k in self.defaults if k not in group}
+            new = {**group, **filled}
+            new.setdefault("global_step", int(max(steps, default=0)))
+            converted.append(new)
+        warnings.warn(
+            f"{name}.load_state_dict: converting a state dict saved by another optimizer; hyper-parameters it "
+            f"lacked were taken from {name}'s arguments ({sorted({k for m in missing for k in m})}), state "
+            f"{name} keeps that it lacked starts at zero, and the global step is the largest saved step.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return {**state_dict, "param_groups": converted}
 
 
 @functools.cache
 def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``torch.compile(fn)``, built once per function and shared by every optimizer instance."""
     return torch.compile(fn, dynamic=False)
-
-
-def capturable_adam_denoms(exp_avg_sqs: list[Tensor], steps: list[Tensor], beta2: float, eps: float) -> list[Tensor]:
-    """√v / √(1 − β2^t) + ε with the step counters on the device (torch's capturable Adam), for compiled steps."""
-    bc2_sqrt = torch._foreach_pow(beta2, steps)
-    torch._foreach_sub_(bc2_sqrt, 1)
-    torch._foreach_neg_(bc2_sqrt)
-    torch._foreach_sqrt_(bc2_sqrt)
-    denoms = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denoms, bc2_sqrt)
-    torch._foreach_add_(denoms, eps)
-    return denoms

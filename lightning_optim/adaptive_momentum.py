@@ -9,58 +9,34 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_optim._base import (
-    StepCountedOptimizer,
-    as_compute,
-    capturable_adam_denoms,
-    check_betas,
-    check_compile,
-    check_range,
-    check_state_bits,
-    compiled,
-    write_back,
+from lightning_optim._base import StateSpec, StepCountedOptimizer, as_compute, compiled, write_back
+from lightning_optim.functional import (
+    adam_denom,
+    adam_denoms_capturable,
+    adam_denoms_foreach,
+    adaptive_beta,
+    am_beta,
+    decoupled_decay_,
+    effective_beta,
+    pull_towards_,
+    sum_of_squares,
 )
 from lightning_optim.lowbit import init_moment, is_quantized, load_moment, store_moment_
+from lightning_optim.validation import check_betas, check_compile, check_range, check_state_bits
 
 __all__ = ["AdaptiveMomentumSGD", "AdaptiveMomentumAdamW", "adaptive_beta", "effective_beta"]
 
 
-def adaptive_beta(sq_grad: Tensor, sq_diff: Tensor, memory_weight: float, beta_max: float) -> Tensor:
-    """β* = clip((1 + λ)·A/B − λ, 0, β_max) with A = ⟨g, g⟩_P and B = ⟨d − g, d − g⟩_P; β* = 0 when B = 0.
-
-    This is the minimiser over [0, β_max] of the proximal model of the spec (gradient plane, memory
-    plane, proximal term and a pull of weight λ towards the memory step). Sync-free: returns a tensor.
-    """
-    positive = sq_diff > 0
-    raw = (1 + memory_weight) * sq_grad / torch.where(positive, sq_diff, torch.ones_like(sq_diff)) - memory_weight
-    return torch.where(positive, raw.clamp(0.0, beta_max), torch.zeros_like(raw))
-
-
-def effective_beta(beta: Tensor, memory_weight: float) -> Tensor:
-    """β_eff = (β* + λ)/(1 + λ): the EMA coefficient of the memory, d ← β_eff·d + (1 − β_eff)·g."""
-    return (beta + memory_weight) / (1 + memory_weight)
-
-
-def _weighted_sq_sum(xs: list[Tensor], weights: list[Tensor] | None) -> Tensor:
-    """Σ_i Σ x_i²/w_i over a list of same-device tensors as one 0-dim tensor (Σ x² when weights is None)."""
-    if weights is None:
-        return torch.stack(torch._foreach_norm(xs)).square().sum()
-    sq = torch._foreach_mul(xs, xs)
-    torch._foreach_div_(sq, weights)
-    return torch.stack(torch._foreach_norm(sq, 1)).sum()  # entries are >= 0, so the L1 norm is the sum
-
-
 def _sgd_sums(grad: Tensor, memory: Tensor) -> tuple[Tensor, Tensor]:
-    """One tensor's share of A = Σ g² and B = Σ (d − g)² (AM-SGD, reference and 8-bit paths)."""
-    return grad.square().sum(), (memory - grad).square().sum()
+    """One tensor's share of A = Σ g² and B = Σ (d − g)² (AM-SGD, reference and 8-bit paths), overflow-safe."""
+    return sum_of_squares([grad]), sum_of_squares([memory - grad])
 
 
 def _sgd_update_(param: Tensor, grad: Tensor, memory: Tensor, weight: Tensor, lr: float, weight_decay: float) -> None:
     """AM-SGD's update of one tensor: d ← d + w(g − d), x ← x(1 − η·wd) − η·d."""
     (p32,) = as_compute([param])
-    memory.lerp_(grad, weight.to(memory.device))
-    if weight_decay != 0:
-        p32.mul_(1 - lr * weight_decay)
+    memory.lerp_(grad, weight.to(device=memory.device, dtype=memory.dtype))
+    decoupled_decay_(p32, lr, weight_decay)
     p32.add_(memory, alpha=-lr)
     write_back([param], [p32])
 
@@ -68,12 +44,12 @@ def _sgd_update_(param: Tensor, grad: Tensor, memory: Tensor, weight: Tensor, lr
 def _adamw_denom_(grad: Tensor, exp_avg_sq: Tensor, t: float, beta2: float, eps: float) -> Tensor:
     """Advance v in place and return D = √v / √(1 − β2^t) + ε for one tensor (AM-AdamW)."""
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    return (exp_avg_sq.sqrt() / (1 - beta2**t) ** 0.5).add_(eps)
+    return adam_denom(exp_avg_sq, t, beta2, eps)
 
 
 def _adamw_sums(grad: Tensor, memory: Tensor, denom: Tensor) -> tuple[Tensor, Tensor]:
-    """One tensor's share of A = Σ g²/D and B = Σ (d − g)²/D (AM-AdamW)."""
-    return (grad.square() / denom).sum(), ((memory - grad).square() / denom).sum()
+    """One tensor's share of A = Σ g²/D and B = Σ (d − g)²/D (AM-AdamW), overflow-safe."""
+    return sum_of_squares([grad], [denom]), sum_of_squares([memory - grad], [denom])
 
 
 def _adamw_update_(
@@ -81,21 +57,10 @@ def _adamw_update_(
 ) -> None:
     """AM-AdamW's update of one tensor: d ← d + w(g − d), x ← x(1 − η·wd) − η·d/D."""
     (p32,) = as_compute([param])
-    memory.lerp_(grad, weight.to(memory.device))
-    if weight_decay != 0:
-        p32.mul_(1 - lr * weight_decay)
+    memory.lerp_(grad, weight.to(device=memory.device, dtype=memory.dtype))
+    decoupled_decay_(p32, lr, weight_decay)
     p32.addcdiv_(memory, denom, value=-lr)
     write_back([param], [p32])
-
-
-def _pull_towards_gradient_(memories: list[Tensor], diffs: list[Tensor], weight: Tensor) -> None:
-    """d <- d - w (d - g) = (1 - w) d + w g, reusing the d - g the reduction computed.
-
-    ``weight`` stays a device tensor: ``_foreach_mul_`` has a Tensor overload, while ``_foreach_lerp_`` only
-    takes a Scalar weight, which would read the tensor on the host (a sync) every step.
-    """
-    torch._foreach_mul_(diffs, weight.to(diffs[0].device))
-    torch._foreach_sub_(memories, diffs)
 
 
 class _AdaptiveMomentumBase(StepCountedOptimizer):
@@ -135,12 +100,20 @@ class _AdaptiveMomentumBase(StepCountedOptimizer):
         return getattr(self, "_last_beta", None)
 
     def _beta(self, sq_grads: list[Tensor], sq_diffs: list[Tensor], group: dict[str, Any], beta_max: float) -> Tensor:
+        # A and B arrive as float64 partial sums (overflow-safe); β is used in the parameters' precision
         device = sq_grads[0].device
         a = torch.stack([x.to(device) for x in sq_grads]).sum()
         b = torch.stack([x.to(device) for x in sq_diffs]).sum()
-        beta = adaptive_beta(a, b, group["memory_weight"], beta_max)
+        dtype = torch.float64 if self._compute_dtype() == torch.float64 else torch.float32
+        beta = am_beta(a, b, group["memory_weight"], beta_max).to(dtype)
         self._last_beta = beta
         return effective_beta(beta, group["memory_weight"])
+
+    def _compute_dtype(self) -> torch.dtype:
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.dtype
+        return torch.float32
 
 
 class AdaptiveMomentumSGD(_AdaptiveMomentumBase):
@@ -175,7 +148,7 @@ class AdaptiveMomentumSGD(_AdaptiveMomentumBase):
     """
 
     _shared = ("memory_weight", "beta_max")
-    _moments = {"momentum_buffer": True}
+    state_spec = StateSpec(moments={"momentum_buffer": True}, first_moment="momentum_buffer", counters=())
 
     def __init__(
         self,
@@ -227,8 +200,8 @@ class AdaptiveMomentumSGD(_AdaptiveMomentumBase):
             if self._use_foreach(group, params):
                 group_diffs = torch._foreach_sub(buffers, grads)
                 for (g, e), _ in self._group_tensors_by_device_and_dtype([grads, group_diffs]).values():
-                    sq_grads.append(_weighted_sq_sum(g, None))
-                    sq_diffs.append(_weighted_sq_sum(e, None))
+                    sq_grads.append(sum_of_squares(g, None))
+                    sq_diffs.append(sum_of_squares(e, None))
             else:
                 group_diffs = None
                 for a, b in map(_sgd_sums, grads, buffers):
@@ -248,9 +221,8 @@ class AdaptiveMomentumSGD(_AdaptiveMomentumBase):
                 lists = [params, buffers, group_diffs]
                 for (p, d, e), _ in self._group_tensors_by_device_and_dtype(lists).values():
                     p32 = as_compute(p)
-                    _pull_towards_gradient_(d, e, weight)
-                    if wd != 0:
-                        torch._foreach_mul_(p32, 1 - lr * wd)
+                    pull_towards_(d, e, weight)
+                    decoupled_decay_(p32, lr, wd)
                     torch._foreach_add_(p32, d, alpha=-lr)
                     write_back(p, p32)
             else:
@@ -305,7 +277,9 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
     ``<key>_codes`` (uint8) and ``<key>_absmax`` (fp32 per 256-block) replace the moments.
     """
 
-    _moments = {"exp_avg": True, "exp_avg_sq": False}
+    state_spec = StateSpec(
+        moments={"exp_avg": True, "exp_avg_sq": False}, first_moment="exp_avg", second_moment="exp_avg_sq"
+    )
 
     def __init__(
         self,
@@ -356,7 +330,7 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
             _, beta2 = group["betas"]
             eps = group["eps"]
             states = [
-                self._init_state(p, ("exp_avg", "exp_avg_sq"), on_device=group["compile"], group=group) for p in params
+                self._init_state(p, group) for p in params
             ]
             full, low_bit = self._split_by_layout(states)
             if low_bit:
@@ -387,13 +361,11 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
                 counts = [t.item() for t in steps]  # CPU tensors: no device sync
                 torch._foreach_mul_(exp_avg_sqs, beta2)
                 torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-                denoms = torch._foreach_sqrt(exp_avg_sqs)
-                torch._foreach_div_(denoms, [(1 - beta2**t) ** 0.5 for t in counts])
-                torch._foreach_add_(denoms, eps)
+                denoms = adam_denoms_foreach(exp_avg_sqs, counts, beta2, eps)
                 diffs = torch._foreach_sub(exp_avgs, grads)
                 for (g, e, w), _ in self._group_tensors_by_device_and_dtype([grads, diffs, denoms]).values():
-                    sq_grads.append(_weighted_sq_sum(g, w))
-                    sq_diffs.append(_weighted_sq_sum(e, w))
+                    sq_grads.append(sum_of_squares(g, w))
+                    sq_diffs.append(sum_of_squares(e, w))
                 updates.append(functools.partial(self._foreach_update, group, [params, exp_avgs, denoms, diffs]))
             else:
                 denoms = []
@@ -450,9 +422,8 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
         lr, wd = group["lr"], group["weight_decay"]
         for (p, d, w, e), _ in self._group_tensors_by_device_and_dtype(lists).values():
             p32 = as_compute(p)
-            _pull_towards_gradient_(d, e, weight)
-            if wd != 0:
-                torch._foreach_mul_(p32, 1 - lr * wd)
+            pull_towards_(d, e, weight)
+            decoupled_decay_(p32, lr, wd)
             torch._foreach_addcdiv_(p32, d, w, value=-lr)
             write_back(p, p32)
 
@@ -482,8 +453,8 @@ def _am_adamw_capturable_sums(
     torch._foreach_add_(steps, 1.0)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, g32, g32, 1 - beta2)
-    denoms = capturable_adam_denoms(exp_avg_sqs, steps, beta2, eps)
-    return _weighted_sq_sum(g32, denoms), _weighted_sq_sum(torch._foreach_sub(exp_avgs, g32), denoms)
+    denoms = adam_denoms_capturable(exp_avg_sqs, steps, beta2, eps)
+    return sum_of_squares(g32, denoms), sum_of_squares(torch._foreach_sub(exp_avgs, g32), denoms)
 
 
 def _am_adamw_capturable_update(
@@ -501,10 +472,9 @@ def _am_adamw_capturable_update(
 ) -> None:
     """Compiled phase 2: d ← d − w(d − g), x ← x(1 − η·wd) − η·d/D, with η and w device tensors."""
     p32, g32 = as_compute(params), as_compute(grads)
-    denoms = capturable_adam_denoms(exp_avg_sqs, steps, beta2, eps)
-    _pull_towards_gradient_(exp_avgs, torch._foreach_sub(exp_avgs, g32), weight)
-    if weight_decay != 0:
-        torch._foreach_mul_(p32, 1 - lr * weight_decay)
+    denoms = adam_denoms_capturable(exp_avg_sqs, steps, beta2, eps)
+    pull_towards_(exp_avgs, torch._foreach_sub(exp_avgs, g32), weight)
+    decoupled_decay_(p32, lr, weight_decay)
     update = torch._foreach_div(exp_avgs, denoms)
     torch._foreach_mul_(update, lr)
     torch._foreach_sub_(p32, update)

@@ -10,14 +10,15 @@ callbacks also resolve by short name (``optimizer: SPAM``). The extra top-level 
 
 from __future__ import annotations
 
+import sys
 from functools import partial, update_wrapper
 from types import MethodType
 from typing import Any
 
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, instantiate_class
 
-import lightning_optim  # noqa: F401  (registers our optimizers as Optimizer subclasses for short names)
-import lightning_optim.callbacks  # noqa: F401  (same for callbacks)
+import lightning_optim.callbacks  # noqa: F401  (imports the callbacks, so they resolve by short name)
+from lightning_optim import registry
 from lightning_optim.param_groups import ParamGroups
 
 __all__ = ["LightningOptimCLI", "main"]
@@ -66,7 +67,16 @@ class LightningOptimCLI(LightningCLI):
 
 
 def main(args: ArgsType = None) -> None:
-    """Entry point of the ``lightning-optim`` console script and ``python -m lightning_optim``."""
+    """Entry point of the ``lightning-optim`` console script and ``python -m lightning_optim``.
+
+    ``lightning-optim optimizers`` prints the registry (names, families, defaults, capabilities); every
+    other subcommand goes to LightningCLI, where each registered optimizer resolves by its short name
+    because the registry imported its class.
+    """
+    argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
+    if argv and argv[0] == "optimizers":
+        print(registry.table())
+        return
     LightningOptimCLI(args=args)
 
 

@@ -9,57 +9,20 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_optim._base import (
-    StepCountedOptimizer,
-    adam_update_foreach,
-    adam_update_single,
-    as_compute,
-    capturable_adam_denoms,
-    check_betas,
-    check_compile,
-    check_int,
-    check_range,
-    check_state_bits,
-    compiled,
-    write_back,
+from lightning_optim._base import StateSpec, StepCountedOptimizer, as_compute, compiled, write_back
+from lightning_optim.functional import (
+    adam_denoms_capturable,
+    adam_moments_foreach_,
+    adam_step_,
+    adam_step_foreach_,
+    decoupled_decay_,
+    spam_schedule,
+    spam_warmup_factor,
+    spike_clip_,
 )
+from lightning_optim.validation import check_betas, check_compile, check_int, check_range, check_state_bits
 
 __all__ = ["SPAM", "spam_warmup_factor", "spam_schedule", "spike_clip_"]
-
-
-def spam_warmup_factor(k: int, warmup_steps: int) -> float:
-    """Cosine warm-up factor after a reset: s = 1 - 0.99 (1 + cos(pi k / (N + 1))) / 2 for k < N, else 1."""
-    if k >= warmup_steps:
-        return 1.0
-    return 1.0 - 0.99 * (1.0 + math.cos(math.pi * k / (warmup_steps + 1))) / 2.0
-
-
-def spam_schedule(step: int, reset_interval: int, warmup_steps: int) -> tuple[int, bool, float]:
-    """For the 1-based global step T: (k steps since the last reset, is T a reset step, warm-up factor s)."""
-    if reset_interval > 0:
-        k = step % reset_interval
-        reset_happened = step >= reset_interval
-    else:
-        k, reset_happened = step, False
-    is_reset = reset_interval > 0 and k == 0
-    scale = spam_warmup_factor(k, warmup_steps) if reset_happened else 1.0
-    return k, is_reset, scale
-
-
-def spike_clip_(grads: list[Tensor], exp_avg_sqs: list[Tensor], threshold: float, scale: Tensor | None = None) -> None:
-    """SPAM's element-wise spike clip, in place and sync-free: where g^2 > threshold * v, g <- sign(g) sqrt(threshold * v).
-
-    Written as a clamp of g to [-sqrt(threshold v), sqrt(threshold v)], which selects the same entries
-    and gives the same values as the masked form with two multi-tensor ops and no boolean indexing.
-    ``scale`` (a device tensor) multiplies the bound, for gradients that still carry a GradScaler's scale.
-    """
-    bound = torch._foreach_mul(exp_avg_sqs, threshold)
-    torch._foreach_sqrt_(bound)
-    if scale is not None:
-        torch._foreach_mul_(bound, scale)
-    torch._foreach_minimum_(grads, bound)
-    torch._foreach_neg_(bound)
-    torch._foreach_maximum_(grads, bound)
 
 
 class SPAM(StepCountedOptimizer):
@@ -105,7 +68,9 @@ class SPAM(StepCountedOptimizer):
     (uint8 codes in the parameter's shape, fp32 absmax per 256-block) replace the moments.
     """
 
-    _moments = {"exp_avg": True, "exp_avg_sq": False}
+    state_spec = StateSpec(
+        moments={"exp_avg": True, "exp_avg_sq": False}, first_moment="exp_avg", second_moment="exp_avg_sq"
+    )
 
     def __init__(
         self,
@@ -143,7 +108,7 @@ class SPAM(StepCountedOptimizer):
         check_betas(group["betas"])
         check_range("eps", group["eps"], 0.0)
         check_range("weight_decay", group["weight_decay"], 0.0)
-        check_range("threshold", group["threshold"], 0.0, math.inf, low_open=True)
+        check_range("threshold", group["threshold"], 0.0, low_open=True, allow_inf=True)
         check_int("reset_interval", group["reset_interval"], 0)
         check_int("warmup_steps", group["warmup_steps"], 0)
         if math.isfinite(group["threshold"]):
@@ -159,9 +124,7 @@ class SPAM(StepCountedOptimizer):
             if not params:
                 continue
             k, is_reset, scale = spam_schedule(step, group["reset_interval"], group["warmup_steps"])
-            states = [
-                self._init_state(p, ("exp_avg", "exp_avg_sq"), on_device=group["compile"], group=group) for p in params
-            ]
+            states = [self._init_state(p, group) for p in params]
             if group["compile"]:  # never 8-bit: validation rejects compile=True with state_bits=8
                 self._compiled_group_step(group, params, states, group["lr"] * scale, is_reset, k)
                 continue
@@ -217,7 +180,7 @@ def _spam_single_tensor(
             limit = exp_avg_sq * threshold
             g32 = torch.where(g32 * g32 > limit, g32.sign() * limit.sqrt(), g32)
             grad.copy_(g32)
-        adam_update_single(p32, g32, exp_avg, exp_avg_sq, step_t.item(), **adam)  # CPU step: no sync
+        adam_step_(p32, g32, exp_avg, exp_avg_sq, step_t.item(), **adam)  # CPU step: no sync
         write_back([param], [p32])
 
 
@@ -244,7 +207,7 @@ def _spam_foreach(
             spike_clip_(g32, dev_exp_avg_sqs, threshold)
             write_back(dev_grads, g32)
         counts = [t.item() for t in dev_steps]  # CPU tensors: no device sync
-        adam_update_foreach(p32, g32, dev_exp_avgs, dev_exp_avg_sqs, counts, **adam)
+        adam_step_foreach_(p32, g32, dev_exp_avgs, dev_exp_avg_sqs, counts, **adam)
         write_back(dev_params, p32)
 
 
@@ -273,16 +236,13 @@ def _spam_capturable(
     if clip:
         spike_clip_(g32, exp_avg_sqs, threshold)
         write_back(grads, g32)
-    torch._foreach_lerp_(exp_avgs, g32, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, g32, g32, 1 - beta2)
-    if weight_decay != 0:
-        torch._foreach_mul_(p32, 1 - lr * weight_decay)
+    adam_moments_foreach_(exp_avgs, exp_avg_sqs, g32, beta1, beta2)
+    decoupled_decay_(p32, lr, weight_decay)
     neg_step_size = torch._foreach_pow(beta1, steps)  # becomes lr / (beta1^t - 1) = -lr / bc1
     torch._foreach_sub_(neg_step_size, 1)
     torch._foreach_div_(neg_step_size, lr)
     torch._foreach_reciprocal_(neg_step_size)
-    denom = capturable_adam_denoms(exp_avg_sqs, steps, beta2, eps)
+    denom = adam_denoms_capturable(exp_avg_sqs, steps, beta2, eps)
     torch._foreach_div_(denom, neg_step_size)
     torch._foreach_addcdiv_(p32, exp_avgs, denom)
     write_back(params, p32)

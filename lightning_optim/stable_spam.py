@@ -9,21 +9,16 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_optim._base import (
-    StepCountedOptimizer,
-    adam_update_foreach,
-    adam_update_single,
-    as_compute,
-    capturable_adam_denoms,
-    check_betas,
-    check_compile,
-    check_int,
-    check_range,
-    check_state_bits,
-    compiled,
-    state_dtype,
-    write_back,
+from lightning_optim._base import StateSpec, StepCountedOptimizer, as_compute, compiled, write_back
+from lightning_optim.functional import (
+    adam_denoms_capturable,
+    adam_step_,
+    adam_step_foreach_,
+    decoupled_decay_,
+    one_minus_pow,
+    safe_norms,
 )
+from lightning_optim.validation import check_betas, check_compile, check_int, check_range, check_state_bits
 
 __all__ = ["StableSPAM", "stable_spam_schedule"]
 
@@ -86,8 +81,13 @@ class StableSPAM(StepCountedOptimizer):
     state the moments are ``<key>_codes`` (uint8) and ``<key>_absmax`` (fp32 per 256-block).
     """
 
-    _counter_keys = ("step", "stat_step")
-    _moments = {"exp_avg": True, "exp_avg_sq": False}
+    state_spec = StateSpec(
+        moments={"exp_avg": True, "exp_avg_sq": False},
+        first_moment="exp_avg",
+        second_moment="exp_avg_sq",
+        counters=("step", "stat_step"),
+        scalars=_STATS,
+    )
 
     def __init__(
         self,
@@ -138,15 +138,6 @@ class StableSPAM(StepCountedOptimizer):
         check_compile(group["compile"])
         check_state_bits(group["state_bits"], group["compile"])
 
-    def _init_stable_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        state = self._init_state(
-            p, ("exp_avg", "exp_avg_sq"), counters=self._counter_keys, on_device=group["compile"], group=group
-        )
-        if "m_max" not in state:  # scalars stay full precision with 8-bit moments too
-            for key in _STATS:
-                state[key] = torch.zeros((), dtype=state_dtype(p), device=p.device)
-        return state
-
     def _step(self, step: int) -> None:
         for group in self.param_groups:
             params = self._params_with_grad(group, "StableSPAM")
@@ -154,7 +145,7 @@ class StableSPAM(StepCountedOptimizer):
                 continue
             scale = stable_spam_schedule(step, group["total_steps"], group["eta_min"])
             interval = group["reset_interval"]
-            states = [self._init_stable_state(p, group) for p in params]
+            states = [self._init_state(p, group) for p in params]
             beta1, beta2 = group["betas"]
             keys = ("exp_avg", "exp_avg_sq", "step", "stat_step", *_STATS)
             reset = interval > 0 and step % interval == 0
@@ -203,12 +194,12 @@ def _stable_spam_single_tensor(
         peak = g.abs().amax()
         m_maxs[i].lerp_(peak, 1 - gamma3)
         m_max_hat = m_maxs[i] / (1 - gamma3**u)
-        ratio = m_max_hat / peak.clamp_min(torch.finfo(peak.dtype).tiny)
-        g.copy_(torch.where(g.abs() > m_max_hat, g * ratio, g))
+        g.copy_(torch.where(g.abs() > m_max_hat, g * _clip_ratio(peak, m_max_hat), g))
         # 2. rescale the tensor to the running norm ratio
-        norm = torch.linalg.vector_norm(g)
-        m_norms[i].mul_(gamma1).add_(norm * (1 - gamma1))
-        v_norms[i].mul_(gamma2).addcmul_(norm, norm, value=1 - gamma2)
+        (norm,) = safe_norms([g], [torch.minimum(peak, m_max_hat)])
+        stat = _statistic_norm(norm)
+        m_norms[i].mul_(gamma1).add_(stat * (1 - gamma1))
+        v_norms[i].mul_(gamma2).addcmul_(stat, stat, value=1 - gamma2)
         c = (m_norms[i] / (1 - gamma1**u)) / ((v_norms[i] / (1 - gamma2**u)).sqrt() + eps)
         positive = norm > 0
         g.mul_(torch.where(positive, c / torch.where(positive, norm, 1.0), 1.0))
@@ -218,7 +209,7 @@ def _stable_spam_single_tensor(
             exp_avg_sqs[i].zero_()
             steps[i].zero_()
         steps[i] += 1
-        adam_update_single(p32, g, exp_avgs[i], exp_avg_sqs[i], steps[i].item(), **adam)
+        adam_step_(p32, g, exp_avgs[i], exp_avg_sqs[i], steps[i].item(), **adam)
         write_back([param], [p32])
 
 
@@ -258,7 +249,7 @@ def _stable_spam_foreach(
             torch._foreach_zero_(dev_v)
             torch._foreach_zero_(dev_steps)
         torch._foreach_add_(dev_steps, 1.0)
-        adam_update_foreach(p32, g32, dev_m, dev_v, [t.item() for t in dev_steps], **adam)
+        adam_step_foreach_(p32, g32, dev_m, dev_v, [t.item() for t in dev_steps], **adam)
         write_back(dev_params, p32)
 
 
@@ -283,8 +274,8 @@ def _clip_and_normalise_(
     peaks = torch._foreach_norm(grads, math.inf)
     torch._foreach_lerp_(m_maxs, peaks, 1 - gamma3)
     m_max_hat = torch._foreach_div(m_maxs, bc3)
-    ratio_minus_one = torch._foreach_div(m_max_hat, torch._foreach_clamp_min(peaks, torch.finfo(grads[0].dtype).tiny))
-    torch._foreach_sub_(ratio_minus_one, 1.0)
+    peak, cap = torch.stack(peaks), torch.stack(m_max_hat)
+    ratio_minus_one = (_clip_ratio(peak, cap) - 1.0).unbind()
     factor = torch._foreach_abs(grads)
     torch._foreach_sub_(factor, m_max_hat)
     torch._foreach_sign_(factor)
@@ -294,11 +285,12 @@ def _clip_and_normalise_(
     torch._foreach_mul_(grads, factor)
     del factor
     # 2. rescale each tensor by c / n (vectorised over the tensors)
-    norms = torch._foreach_norm(grads)
+    norms = safe_norms(grads, torch.minimum(peak, cap).unbind())
+    stats = _statistic_norm(torch.stack(norms)).unbind()
     torch._foreach_mul_(m_norms, gamma1)  # not _foreach_lerp_: it would read a tensor γ1' on the host
-    torch._foreach_add_(m_norms, torch._foreach_mul(norms, 1 - gamma1))
+    torch._foreach_add_(m_norms, torch._foreach_mul(stats, 1 - gamma1))
     torch._foreach_mul_(v_norms, gamma2)
-    torch._foreach_addcmul_(v_norms, norms, norms, 1 - gamma2)
+    torch._foreach_addcmul_(v_norms, stats, stats, 1 - gamma2)
     m_hat = torch._foreach_div(m_norms, bc1)
     denom = torch._foreach_div(v_norms, bc2)
     torch._foreach_sqrt_(denom)
@@ -309,12 +301,21 @@ def _clip_and_normalise_(
     torch._foreach_mul_(grads, torch.where(positive, c / torch.where(positive, n, 1.0), 1.0).unbind())
 
 
-def _one_minus_pow(base: float | Tensor, exponents: list[Tensor]) -> list[Tensor]:
-    """[1 − base^t for t in exponents], all on the device (base a float or a 0-dim device tensor)."""
-    out = torch._foreach_pow([base] * len(exponents) if isinstance(base, Tensor) else base, exponents)
-    torch._foreach_neg_(out)
-    torch._foreach_add_(out, 1.0)
-    return out
+def _clip_ratio(peak: Tensor, cap: Tensor) -> Tensor:
+    """m̂_max / max|g| where the peak exceeds the cap, else 1: always in (0, 1], never inf or NaN.
+
+    Dividing by a clamped peak everywhere overflows for an all-zero gradient after a large one
+    (m̂_max / tiny = inf, and the 0·inf of the masked multiply is NaN).
+    """
+    clipped = peak > cap
+    return torch.where(clipped, cap / torch.where(clipped, peak, torch.ones_like(peak)), torch.ones_like(peak))
+
+
+def _statistic_norm(norm: Tensor) -> Tensor:
+    """The norm as it enters m_norm and v_norm: capped at √(dtype max)·1e-4, so v_norm = EMA(n²) and
+    its bias correction by 1 − γ2^u (down to 1e-5 for γ2 = 0.99999) stay finite; a real gradient norm is
+    never near that cap (1.8e15 in fp32), only an overflowing one."""
+    return norm.clamp_max(torch.finfo(norm.dtype).max ** 0.5 * 1e-4)
 
 
 def _stable_spam_capturable(
@@ -341,12 +342,11 @@ def _stable_spam_capturable(
     """The multi-tensor step with lr, β1', γ1', the reset mask (keep = 0) and all counters on the device,
     for ``torch.compile``."""
     p32, g32 = as_compute(params), as_compute(grads)
-    if weight_decay != 0:
-        torch._foreach_mul_(p32, 1 - lr * weight_decay)
+    decoupled_decay_(p32, lr, weight_decay)
     torch._foreach_add_(stat_steps, 1.0)
     _clip_and_normalise_(
         g32, m_maxs, m_norms, v_norms,
-        _one_minus_pow(gamma3, stat_steps), _one_minus_pow(gamma1, stat_steps), _one_minus_pow(gamma2, stat_steps),
+        one_minus_pow(gamma3, stat_steps), one_minus_pow(gamma1, stat_steps), one_minus_pow(gamma2, stat_steps),
         gamma1=gamma1, gamma2=gamma2, gamma3=gamma3, eps=eps,
     )
     for moment in (exp_avgs, exp_avg_sqs, steps):  # fresh moments and k = 1 at a reset step
@@ -356,8 +356,8 @@ def _stable_spam_capturable(
     torch._foreach_add_(exp_avgs, torch._foreach_mul(g32, 1 - beta1))
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, g32, g32, 1 - beta2)
-    denoms = capturable_adam_denoms(exp_avg_sqs, steps, beta2, eps)
-    torch._foreach_mul_(denoms, _one_minus_pow(beta1, steps))
+    denoms = adam_denoms_capturable(exp_avg_sqs, steps, beta2, eps)
+    torch._foreach_mul_(denoms, one_minus_pow(beta1, steps))
     update = torch._foreach_div(exp_avgs, denoms)
     torch._foreach_mul_(update, lr)
     torch._foreach_sub_(p32, update)

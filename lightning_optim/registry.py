@@ -1,0 +1,245 @@
+"""The one list of optimizers, with their capabilities (modelled on timm's optimizer registry).
+
+Everything that needs "which optimizers exist and what can each do" reads this module: the LightningCLI
+short names, ``examples/_script.py --optimizer``, ``bench/optimizer_step.py``, the fault-contract tests
+(parametrized over :func:`optimizers`), the ``lightning-optim optimizers`` table and the callbacks'
+capability checks. Adding an optimizer means its module plus one :func:`register` call below.
+
+Each entry (:class:`OptimizerInfo`) names the class, the paper and the family, and declares what the
+class supports: a multi-tensor path (``foreach``), a ``torch.compile``'d step (``compile``), 8-bit state
+(``state_bits_8``), whether ``step`` needs a closure or a Hessian-vector product, whether it only
+handles matrices, and the facts the callbacks need: the first-moment key, whether the second moment is
+the raw EMA of g² (comparable to ``grad ** 2``, so SpikeAwareClipping may clip against it) and whether the
+first moment is Adam's EMA m ← β1·m + (1 − β1)·g with β1 = ``betas[0]`` (so AdaptiveMomentum may pre-mix
+it). For our optimizers the state facts come from the class's :class:`~lightning_optim._base.StateSpec`;
+defaults come from the constructor's signature, so they are never written twice.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from lightning_optim.adaptive_momentum import AdaptiveMomentumAdamW, AdaptiveMomentumSGD
+from lightning_optim.lowbit import BLOCK_SIZE
+from lightning_optim.spam import SPAM
+from lightning_optim.stable_spam import StableSPAM
+
+__all__ = ["OptimizerInfo", "build", "get", "info_for", "optimizers", "register", "table"]
+
+
+@dataclass(frozen=True)
+class OptimizerInfo:
+    """One registered optimizer and its capabilities.
+
+    Args:
+        name: the public name (the class name for ours, e.g. ``"StableSPAM"``).
+        cls: the optimizer class.
+        paper: citation of the method.
+        family: ``"adam"``, ``"sgd"``, ``"sign"``, ``"matrix"``, ``"second-order"``, ``"low-rank"``, ...
+        aliases: further lower-case names accepted by :func:`get` (e.g. ``"stable_spam"``).
+        ours: implemented in this package (the fault contract covers exactly these); False for
+            reference baselines such as ``torch.optim.AdamW``.
+        foreach: offers the multi-tensor path (``foreach=True``).
+        compile: offers ``compile=True``.
+        state_bits_8: offers ``state_bits=8``.
+        needs_closure: ``step`` must be given a closure.
+        needs_hvp: ``step`` needs Hessian-vector products (``create_graph=True`` backward).
+        matrix_only: only handles 2-D parameters (others need a second optimizer).
+        first_moment: state key of the first moment (None: none).
+        second_moment_like_grad_sq: the second moment is the raw EMA of g² (SpikeAwareClipping may use it).
+        adam_first_moment: the first moment is m ← β1·m + (1 − β1)·g with β1 = ``betas[0]``.
+        moments: number of parameter-sized moment tensors (for the state-memory formula).
+        weight_decay_matters: a sweep should tune weight decay too.
+        total_steps_arg: constructor argument that must be set to the run's length (None: none).
+        lr_sweep_center: the learning rate a sweep centres on (the constructor default unless given).
+        accepts_inf: constructor arguments to which ``inf`` is a documented, valid value (SPAM's
+            ``threshold=inf`` disables clipping); every other numeric argument rejects inf and NaN.
+    """
+
+    name: str
+    cls: type[Optimizer]
+    paper: str
+    family: str
+    aliases: tuple[str, ...] = ()
+    ours: bool = True
+    foreach: bool = True
+    compile: bool = False
+    state_bits_8: bool = False
+    needs_closure: bool = False
+    needs_hvp: bool = False
+    matrix_only: bool = False
+    first_moment: str | None = None
+    second_moment_like_grad_sq: bool = False
+    adam_first_moment: bool = False
+    moments: int = 0
+    weight_decay_matters: bool = True
+    total_steps_arg: str | None = None
+    lr_sweep_center: float | None = None
+    accepts_inf: tuple[str, ...] = ()
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def default_lr(self) -> float:
+        """The constructor's default learning rate (or the sweep centre when the class has none)."""
+        return self.lr_sweep_center if self.lr_sweep_center is not None else float(self.defaults["lr"])
+
+    def state_bytes_per_param(self, state_bits: int = 32, numel: int = 1 << 20) -> float:
+        """Optimizer-state bytes per parameter for a tensor of ``numel`` elements with fp32/bf16 weights.
+
+        fp32 moments: 4 bytes each. 8-bit moments (tensors of >= 4096 elements): 1 byte per entry plus one
+        fp32 absmax per 256-entry block, i.e. 1 + 4/256 = 1.016 bytes per moment. Per-tensor counters and
+        scalars are left out (a few bytes per tensor).
+        """
+        if state_bits == 8 and self.state_bits_8 and numel >= 4096:
+            return self.moments * (1 + 4 / BLOCK_SIZE)
+        return self.moments * 4.0
+
+    def build(self, params: Iterable[Any], **overrides: Any) -> Optimizer:
+        """An instance over ``params`` with the registered defaults and ``overrides``."""
+        return self.cls(params, **overrides)
+
+
+_REGISTRY: dict[str, OptimizerInfo] = {}
+
+
+def _signature_defaults(cls: type) -> dict[str, Any]:
+    params = inspect.signature(cls.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def register(cls: type[Optimizer], **info: Any) -> OptimizerInfo:
+    """Add ``cls`` to the registry; state facts come from its ``state_spec`` when it has one.
+
+    Args:
+        cls: the optimizer class.
+        **info: the :class:`OptimizerInfo` fields other than ``cls`` and ``defaults`` (``name`` defaults
+            to the class name).
+    """
+    spec = getattr(cls, "state_spec", None)
+    if spec is not None:
+        info.setdefault("first_moment", spec.first_moment)
+        info.setdefault("second_moment_like_grad_sq", spec.second_moment is not None)
+        info.setdefault("moments", len(spec.moments))
+    entry = OptimizerInfo(cls=cls, defaults=_signature_defaults(cls), **{"name": cls.__name__, **info})
+    for key in (entry.name.lower(), *entry.aliases):
+        if key in _REGISTRY and _REGISTRY[key].cls is not cls:
+            raise ValueError(f"Optimizer name {key!r} is already registered for {_REGISTRY[key].cls.__qualname__}.")
+        _REGISTRY[key] = entry
+    return entry
+
+
+def optimizers(ours: bool | None = None) -> list[OptimizerInfo]:
+    """Every registered optimizer once, in registration order (``ours=True``: only this package's)."""
+    seen: dict[str, OptimizerInfo] = {}
+    for entry in _REGISTRY.values():
+        seen.setdefault(entry.name, entry)
+    return [e for e in seen.values() if ours is None or e.ours == ours]
+
+
+def get(name: str) -> OptimizerInfo:
+    """The entry for a name or alias, case-insensitive (``"StableSPAM"``, ``"stable_spam"``).
+
+    Raises:
+        ValueError: an unknown name; the message lists the registered ones.
+    """
+    entry = _REGISTRY.get(str(name).lower())
+    if entry is None:
+        names = ", ".join(e.name for e in optimizers())
+        raise ValueError(f"Unknown optimizer {name!r}; registered optimizers: {names}.")
+    return entry
+
+
+def info_for(optimizer: Optimizer | type) -> OptimizerInfo | None:
+    """The entry of an optimizer instance or class, looked up along its MRO (subclasses inherit it)."""
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    by_class = {e.cls: e for e in optimizers()}
+    for klass in cls.__mro__:
+        if klass in by_class:
+            return by_class[klass]
+    return None
+
+
+def build(name: str, params: Iterable[Any], total_steps: int | None = None, **overrides: Any) -> Optimizer:
+    """Build optimizer ``name`` over ``params``; ``total_steps`` goes to the argument that needs it.
+
+    Args:
+        name: a registered name or alias.
+        params: parameters or param groups.
+        total_steps: the run's number of optimizer steps (used by optimizers with ``total_steps_arg``).
+        **overrides: constructor arguments.
+    """
+    entry = get(name)
+    if entry.total_steps_arg is not None and total_steps is not None:
+        overrides.setdefault(entry.total_steps_arg, total_steps)
+    return entry.build(params, **overrides)
+
+
+def table() -> str:
+    """The registry as a Markdown table (what ``lightning-optim optimizers`` prints)."""
+    rows = [
+        "| name | family | lr | state B/param (32 / 8-bit) | foreach | compile | 8-bit | closure | paper |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in optimizers():
+        eight = f"{e.state_bytes_per_param(8):.2f}" if e.state_bits_8 else "-"
+        flags = ["yes" if f else "-" for f in (e.foreach, e.compile, e.state_bits_8, e.needs_closure)]
+        name = e.name if e.ours else f"{e.name} (baseline: {e.cls.__module__}.{e.cls.__qualname__})"
+        rows.append(
+            f"| {name} | {e.family} | {e.default_lr:g} | {e.state_bytes_per_param():g} / {eight} | "
+            f"{' | '.join(flags)} | {e.paper} |"
+        )
+    return "\n".join(rows)
+
+
+# -- the registry ----------------------------------------------------------------------------------------
+register(
+    SPAM,
+    paper="Huang et al., SPAM: Spike-Aware Adam with Momentum Reset, ICLR 2025 (arXiv 2501.06842)",
+    family="adam",
+    compile=True,
+    state_bits_8=True,
+    adam_first_moment=True,
+    accepts_inf=("threshold",),
+)
+register(
+    StableSPAM,
+    aliases=("stable_spam",),
+    paper="Huang et al., Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam (arXiv 2502.17055)",
+    family="adam",
+    compile=True,
+    state_bits_8=True,
+    total_steps_arg="total_steps",
+)
+register(
+    AdaptiveMomentumSGD,
+    aliases=("am_sgd",),
+    paper="Topollai & Choromanska, Adaptive Memory Momentum (arXiv 2510.04988)",
+    family="sgd",
+    state_bits_8=True,
+    weight_decay_matters=False,
+)
+register(
+    AdaptiveMomentumAdamW,
+    aliases=("am_adamw",),
+    paper="Topollai & Choromanska, Adaptive Memory Momentum (arXiv 2510.04988)",
+    family="adam",
+    compile=True,
+    state_bits_8=True,
+)
+# Reference baselines (not ours: the fault contract does not cover them, the bench and examples use them).
+register(
+    torch.optim.AdamW,
+    paper="Loshchilov & Hutter, Decoupled Weight Decay Regularization, ICLR 2019",
+    family="adam",
+    ours=False,
+    first_moment="exp_avg",
+    second_moment_like_grad_sq=True,
+    adam_first_moment=True,
+    moments=2,
+)
