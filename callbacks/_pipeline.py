@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lightning_optim.spam import spam_warmup_factor
+from lightning_optim.functional import spam_warmup_factor
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl

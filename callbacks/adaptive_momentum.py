@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from lightning_optim import registry
-from lightning_optim.functional import am_beta, effective_beta, pull_towards_, sum_of_squares
+from lightning_optim.functional import am_beta, effective_beta, inverse_sqrt, pull_towards_, sum_of_squares
 from lightning_optim.callbacks._base import StabilityCallback, StepContext
 from lightning_optim.callbacks._pipeline import StepRecord
 from lightning_optim.monitors import tags
@@ -105,8 +105,9 @@ class AdaptiveMomentum(StabilityCallback):
         if not memories:
             return None
         diffs = torch._foreach_sub(memories, grads)
-        sq_grad = sum_of_squares(grads, weights or None)
-        sq_diff = sum_of_squares(diffs, weights or None)
+        scales = inverse_sqrt(weights) if weights else None
+        sq_grad = sum_of_squares(grads, scales)
+        sq_diff = sum_of_squares(diffs, scales)
         # float64 sums, so a model-wide sum above fp32's range stays finite; β in the moments' precision
         beta = am_beta(sq_grad, sq_diff, self.memory_weight, self.beta_max).to(memories[0].dtype)
         beta_eff = effective_beta(beta, self.memory_weight)

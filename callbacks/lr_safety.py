@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
-from lightning_optim._base import check_int, check_range
+from lightning_optim.validation import check_int, check_range
 from lightning_optim.callbacks._logging import log_scalars
 from lightning_optim.monitors import tags
 from lightning_optim.monitors.safety_radius import (

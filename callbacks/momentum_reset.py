@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_optim._base import check_int
+from lightning_optim.validation import check_int
 from lightning_optim.callbacks._base import StabilityCallback, StepContext
 from lightning_optim.callbacks._pipeline import StepRecord
 from lightning_optim.monitors import tags

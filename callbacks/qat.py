@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_optim._base import check_int
+from lightning_optim.validation import check_int
 from lightning_optim.callbacks._base import StabilityCallback, StepContext
 from lightning_optim.callbacks._pipeline import StepRecord
 from lightning_optim.callbacks.momentum_reset import reset_moments

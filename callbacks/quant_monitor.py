@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from lightning_optim._base import check_int
+from lightning_optim.validation import check_int
 from lightning_optim.callbacks._logging import log_scalars
 from lightning_optim.monitors import tags
 from lightning_optim.monitors.quant import _decompose, check_quant_format, fake_quantize, kurtosis, linear_modules, mmr

@@ -7,11 +7,12 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_optim._base import check_int, check_range
+from lightning_optim import registry
+from lightning_optim.validation import check_int, check_range
 from lightning_optim.callbacks._base import StabilityCallback, StepContext
 from lightning_optim.callbacks._pipeline import StepRecord
 from lightning_optim.monitors import tags
-from lightning_optim.spam import spike_clip_
+from lightning_optim.functional import spike_clip_
 from lightning_optim.state_adapters import state_adapter
 
 
@@ -45,11 +46,15 @@ class SpikeAwareClipping(StabilityCallback):
         self._clipped: dict[int, Tensor] = {}
 
     def check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        # registered optimizers declare whether their second moment is the raw EMA of g² (a
+        # normalised-gradient or sign method may keep one that is not comparable to grad ** 2)
         adapter = state_adapter(optimizer)
-        if not adapter.has_second_moment:
+        info = registry.info_for(optimizer)
+        comparable = info.second_moment_like_grad_sq if info is not None else adapter.has_second_moment
+        if not comparable:
             raise TypeError(
-                f"SpikeAwareClipping needs a second moment, and {type(optimizer).__name__} keeps none; "
-                "use it with an Adam-type or RMSprop-type optimizer."
+                f"SpikeAwareClipping needs a second moment comparable to grad ** 2 (the raw EMA of g²), and "
+                f"{type(optimizer).__name__} keeps none; use it with an Adam-type or RMSprop-type optimizer."
             )
 
     def before_step(self, ctx: StepContext) -> None:

@@ -48,8 +48,11 @@ class StateSpec:
         moments: moment keys, in the order the functional steps take them, mapped to whether their 8-bit
             form uses the signed dynamic map (first moments) or the unsigned one (second moments).
         first_moment: the key of the EMA of g that momentum callbacks read and reset (None: none).
-        second_moment: the key of the raw (not bias-corrected) EMA of g², comparable to ``grad ** 2``,
-            so SpikeAwareClipping may clip against it (None: none kept, or not comparable).
+        second_moment: the key of the second moment (an EMA of squared gradients) that resets zero
+            (None: none kept).
+        second_moment_like_grad_sq: the second moment is the raw (not bias-corrected) EMA of the
+            gradient's own g², comparable to ``grad ** 2``, so SpikeAwareClipping may clip against it
+            (False e.g. for Stable-SPAM, whose v is the EMA of the normalised gradient).
         counters: per-parameter step counters, kept as float32 CPU tensors (device ones when compiled).
         scalars: further per-parameter 0-dim statistics (created as zeros), never reset.
     """
@@ -57,6 +60,7 @@ class StateSpec:
     moments: dict[str, bool] = field(default_factory=dict)
     first_moment: str | None = None
     second_moment: str | None = None
+    second_moment_like_grad_sq: bool = True
     counters: tuple[str, ...] = ("step",)
     scalars: tuple[str, ...] = ()
 

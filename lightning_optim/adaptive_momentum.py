@@ -18,6 +18,7 @@ from lightning_optim.functional import (
     am_beta,
     decoupled_decay_,
     effective_beta,
+    inverse_sqrt,
     pull_towards_,
     sum_of_squares,
 )
@@ -49,7 +50,8 @@ def _adamw_denom_(grad: Tensor, exp_avg_sq: Tensor, t: float, beta2: float, eps:
 
 def _adamw_sums(grad: Tensor, memory: Tensor, denom: Tensor) -> tuple[Tensor, Tensor]:
     """One tensor's share of A = Σ g²/D and B = Σ (d − g)²/D (AM-AdamW), overflow-safe."""
-    return sum_of_squares([grad], [denom]), sum_of_squares([memory - grad], [denom])
+    scale = inverse_sqrt([denom])
+    return sum_of_squares([grad], scale), sum_of_squares([memory - grad], scale)
 
 
 def _adamw_update_(
@@ -364,8 +366,9 @@ class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
                 denoms = adam_denoms_foreach(exp_avg_sqs, counts, beta2, eps)
                 diffs = torch._foreach_sub(exp_avgs, grads)
                 for (g, e, w), _ in self._group_tensors_by_device_and_dtype([grads, diffs, denoms]).values():
-                    sq_grads.append(sum_of_squares(g, w))
-                    sq_diffs.append(sum_of_squares(e, w))
+                    scales = inverse_sqrt(w)
+                    sq_grads.append(sum_of_squares(g, scales))
+                    sq_diffs.append(sum_of_squares(e, scales))
                 updates.append(functools.partial(self._foreach_update, group, [params, exp_avgs, denoms, diffs]))
             else:
                 denoms = []
@@ -454,7 +457,8 @@ def _am_adamw_capturable_sums(
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, g32, g32, 1 - beta2)
     denoms = adam_denoms_capturable(exp_avg_sqs, steps, beta2, eps)
-    return sum_of_squares(g32, denoms), sum_of_squares(torch._foreach_sub(exp_avgs, g32), denoms)
+    scales = inverse_sqrt(denoms)
+    return sum_of_squares(g32, scales), sum_of_squares(torch._foreach_sub(exp_avgs, g32), scales)
 
 
 def _am_adamw_capturable_update(

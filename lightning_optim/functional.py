@@ -38,6 +38,7 @@ __all__ = [
     "am_beta",
     "decoupled_decay_",
     "effective_beta",
+    "inverse_sqrt",
     "one_minus_pow",
     "pull_towards_",
     "safe_norms",
@@ -293,23 +294,29 @@ def safe_norms(tensors: list[Tensor], peaks: list[Tensor] | None = None) -> list
     return list(torch.where(overflowed, bound, n).unbind())
 
 
-def sum_of_squares(tensors: list[Tensor], weights: list[Tensor] | None = None) -> Tensor:
-    """Σ_i Σ x_i² (or Σ x_i²/w_i) over same-device tensors as a 0-dim float64 tensor, overflow-safe.
+def sum_of_squares(tensors: list[Tensor], scales: list[Tensor] | None = None) -> Tensor:
+    """Σ_i Σ x_i² (or Σ (x_i·s_i)²) over same-device tensors as a 0-dim float64 tensor, overflow-safe.
 
-    Per-tensor norms (of x, or of x/√w) are combined in float64, so a model-wide sum above fp32's range
-    stays finite. An entry whose own square overflows fp32 makes its tensor's share ``inf``; callers
-    decide what an infinite statistic means (see :func:`am_beta`).
+    Per-tensor norms are combined in float64, so a model-wide sum above fp32's range stays finite. An
+    entry whose own square overflows fp32 makes its tensor's share ``inf``; callers decide what an
+    infinite statistic means (see :func:`am_beta`). For a weighted sum Σ x²/D pass ``scales`` = 1/√D
+    (:func:`inverse_sqrt`), computed once and shared by every sum over the same D.
 
     Args:
         tensors: x_i.
-        weights: positive w_i of the same shapes (Adam's denominator), or None for plain squares.
+        scales: per-entry factors s_i of the same shapes, or None for plain squares.
     """
-    if weights is None:
-        norms = torch._foreach_norm(tensors)
-    else:
-        scaled = torch._foreach_div(tensors, torch._foreach_sqrt(weights))
-        norms = torch._foreach_norm(scaled)
+    norms = torch._foreach_norm(tensors if scales is None else torch._foreach_mul(tensors, scales))
     return torch.stack(norms).double().square().sum()
+
+
+def inverse_sqrt(tensors: list[Tensor]) -> list[Tensor]:
+    """1/√w for each tensor (new tensors): the scales that turn Σ x²/w into :func:`sum_of_squares` form.
+
+    Args:
+        tensors: positive weights w (e.g. Adam's denominator; w = inf gives scale 0).
+    """
+    return torch._foreach_rsqrt(tensors)
 
 
 # -- Adaptive Memory Momentum -----------------------------------------------------------------------------

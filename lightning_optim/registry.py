@@ -124,7 +124,7 @@ def register(cls: type[Optimizer], **info: Any) -> OptimizerInfo:
     spec = getattr(cls, "state_spec", None)
     if spec is not None:
         info.setdefault("first_moment", spec.first_moment)
-        info.setdefault("second_moment_like_grad_sq", spec.second_moment is not None)
+        info.setdefault("second_moment_like_grad_sq", spec.second_moment is not None and spec.second_moment_like_grad_sq)
         info.setdefault("moments", len(spec.moments))
     entry = OptimizerInfo(cls=cls, defaults=_signature_defaults(cls), **{"name": cls.__name__, **info})
     for key in (entry.name.lower(), *entry.aliases):

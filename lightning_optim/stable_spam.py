@@ -85,6 +85,7 @@ class StableSPAM(StepCountedOptimizer):
         moments={"exp_avg": True, "exp_avg_sq": False},
         first_moment="exp_avg",
         second_moment="exp_avg_sq",
+        second_moment_like_grad_sq=False,  # v is the EMA of the clipped, norm-scaled gradient
         counters=("step", "stat_step"),
         scalars=_STATS,
     )
