@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -12,7 +13,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_optim._base import check_int, check_range
+from lightning_optim.validation import check_int, check_range
 from lightning_optim.callbacks._base import StabilityCallback, StepContext
 from lightning_optim.callbacks._pipeline import StepRecord, existing_record
 from lightning_optim.callbacks.momentum_reset import reset_moments
@@ -43,8 +44,16 @@ class SpikeGuard(StabilityCallback):
     values, z = (x − μ)/σ with an exponentially weighted μ, σ² (factor ``alpha``), spike iff
     z > ``z_threshold``; with ``statistic="window"`` (OLMo-core-style): μ, σ over the last ``window``
     accepted values, spike iff x > μ + ``z_threshold``·σ. Spikes enter the statistics winsorised (EMA) or
-    not at all (window). A non-finite gradient norm or loss is always a spike. The flag is all-reduced
-    (max) over ranks, so every rank takes the same decision.
+    not at all (window); a value too large for the statistic's dtype counts as non-finite (see ZScore).
+    A non-finite gradient norm is a spike whatever ``monitor`` is; with ``monitor="loss"`` or ``"both"``
+    so is a non-finite loss.
+
+    Data parallelism: every statistic and decision is the same on every rank, even when a gradient goes
+    wrong on one rank only after DDP's all-reduce. The gradient norm that feeds the statistics is the
+    largest over the ranks (+inf everywhere if any rank's is not finite; one more 0-dim all-reduce per
+    step), the loss is averaged over the ranks, and the spike flag is all-reduced (max) as well. ZScore
+    states, counters, resets, undone steps and the zeroing of a non-finite gradient therefore agree on
+    every rank; ``"clip"``/``"reset"`` rescale each rank's own gradient to the shared μ.
 
     Actions, applied on the device with masks and multiplications (decided before ``optimizer.step``):
 
@@ -60,9 +69,10 @@ class SpikeGuard(StabilityCallback):
     - ``"stop"``: as ``"skip"``; the next step is skipped too, then a checkpoint
       ``spike-step=<T>.ckpt`` is saved in the log directory and training stops with a message.
 
-    A non-finite gradient never reaches the weights or the moments: it is zeroed (``"clip"``,
-    ``"reset"``) or the step is undone (``"skip"``, ``"stop"``). Under a GradScaler (16-mixed) the
-    scaler already skips non-finite steps and lowers its scale, so those are left to it and not counted.
+    A non-finite gradient never reaches the weights or the moments, for every ``monitor``: it counts as
+    a spike and is zeroed (``"clip"``, ``"reset"``, which then resets the moments as for any spike) or the
+    step is undone (``"skip"``, ``"stop"``). Under a GradScaler (16-mixed) the scaler already skips
+    non-finite steps and lowers its scale, so those are left to it and not counted.
 
     No per-step host sync: the host reads the spike flag one optimizer step later from pinned memory,
     when the device has finished it. Logs ``stability/grad_norm``, ``stability/grad_norm_z``,
@@ -164,10 +174,13 @@ class SpikeGuard(StabilityCallback):
             record.record_reset(self.reset_warmup_steps)
             record.reset_due = False
 
-        norm = _grad_norm(ctx)
-        spike = torch.zeros((), dtype=torch.bool, device=device)
+        own_norm = _grad_norm(ctx)
+        # The statistic is the same on every rank (a fault after DDP's all-reduce is local to one rank), so
+        # ZScore states, counters and every decision below stay identical across ranks.
+        norm = own_norm if _sharded(ctx.trainer) else _max_over_ranks(own_norm)
         finite = torch.isfinite(norm)
         z_grad, spike_grad = state.grad_z.update(norm)
+        spike = ~finite  # whatever the monitor: a non-finite gradient must never reach the weights
         if self.monitor != "loss":
             spike = spike | spike_grad
         z_loss = torch.zeros((), device=device)
@@ -179,7 +192,7 @@ class SpikeGuard(StabilityCallback):
         self._loss_sum = None
         if ctx.grad_scaler:  # the scaler skips non-finite steps itself (and must see them to rescale)
             spike = spike & finite
-        spike = _any_over_ranks(spike)
+        spike = _any_over_ranks(spike)  # a safety net: the inputs above are already the same on every rank
         if record.stop_due:  # the host knows now: undo this step as well, then stop after the batch
             spike = torch.ones_like(spike)
 
@@ -187,7 +200,7 @@ class SpikeGuard(StabilityCallback):
         state.last.copy_(torch.stack([norm.float(), z_grad.float(), z_loss.float()]))
 
         if self.action in ("clip", "reset"):
-            self._rescale(ctx, state, norm, spike, finite)
+            self._rescale(ctx, state, own_norm, spike, finite)
             if self.action == "reset":
                 record.defer(spike, _schedule_reset)
         else:
@@ -196,7 +209,12 @@ class SpikeGuard(StabilityCallback):
             record.defer(spike, _schedule_stop if self.action == "stop" else _undo_host_step)
 
     def _rescale(self, ctx: StepContext, state: _GuardState, norm: Tensor, spike: Tensor, finite: Tensor) -> None:
-        """g ← g·μ/‖g‖ on a spike; a non-finite gradient becomes 0 (left to the GradScaler under 16-mixed)."""
+        """g ← g·μ/‖g‖ on a spike; a non-finite gradient becomes 0 (left to the GradScaler under 16-mixed).
+
+        ``norm`` is the norm of the gradient this rank holds (the global one under sharding): each rank
+        rescales its own gradient to the shared target μ, so a gradient corrupted on one rank only ends up
+        with the same norm as the others'. ``spike`` and ``finite`` are the same on every rank.
+        """
         ratio = state.grad_z.mean.to(norm.dtype) / norm.clamp_min(torch.finfo(norm.dtype).tiny)
         factor = torch.where(spike, ratio, torch.ones_like(ratio))
         if not ctx.grad_scaler:
@@ -331,6 +349,7 @@ def _undo_if(ctx: StepContext, flag: Tensor) -> None:
 
 
 def _grad_norm(ctx: StepContext) -> Tensor:
+    """‖g‖ of this rank's gradients after AMP unscaling; under sharding the global norm of all shards."""
     norm = global_grad_norm(ctx.params)
     if _sharded(ctx.trainer):
         squared = norm.square()
@@ -355,6 +374,18 @@ def _mean_over_ranks(x: Tensor) -> Tensor:
         dist.all_reduce(x)
         x = x / dist.get_world_size()
     return x
+
+
+def _max_over_ranks(norm: Tensor) -> Tensor:
+    """The largest gradient norm over the ranks, +inf on every rank if any rank's is not finite.
+
+    Non-finite values become +inf first: how a MAX all-reduce treats NaN is backend-dependent.
+    """
+    if not _distributed():
+        return norm
+    norm = torch.where(torch.isfinite(norm), norm, math.inf)
+    dist.all_reduce(norm, op=dist.ReduceOp.MAX)
+    return norm
 
 
 def _any_over_ranks(flag: Tensor) -> Tensor:

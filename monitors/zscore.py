@@ -19,10 +19,22 @@ class ZScore:
     Non-finite ``x`` always gives ``z = +inf`` and ``spike = True`` (also during warm-up) and never enters
     the statistics or the counts.
 
+    Overflow safety: σ² is computed from squared deviations in the statistics dtype, so a single finite
+    value whose square overflows it (1e30 in float32) would make σ² infinite for good, and every later z
+    0 or NaN. A value is therefore only *usable* if :math:`|x| \le B = \sqrt{\text{finfo.max} / (8n)}`,
+    ``n`` the buffer length (``warmup`` in EMA mode, ``window`` in window mode; float32, n = 50:
+    B ≈ 9.2e17). Every accepted value, and so μ and every winsorised value, lies in [-B, B]: a squared
+    deviation is at most 4B², a sum of them over the buffer at most finfo.max / 2, so σ² stays finite.
+    A value beyond B is treated exactly like a non-finite one (``z = +inf``, spike, not counted): such a
+    value cannot be represented in the statistic, and for a gradient norm or a loss it is a blow-up, not
+    a sample of the series. This costs one comparison on the device, no host read. (Computing in float64
+    instead would not be enough: the outlier would still dominate the EMA μ, σ for thousands of steps, and
+    some devices, e.g. MPS, have no float64.)
+
     EMA mode (defaults follow ZClip, Kumar et al. 2025, arXiv 2504.02507: ``alpha=0.97``,
     ``threshold=2.5``, ``warmup=25``):
 
-    1. the first ``warmup`` finite values fill a buffer, no decisions (``z = 0``, no spike); after the
+    1. the first ``warmup`` usable values fill a buffer, no decisions (``z = 0``, no spike); after the
        last one :math:`\mu` = mean and :math:`\sigma^2` = population variance of the buffer;
     2. then :math:`z = (x - \mu) / \max(\sigma, 10^{-4}|\mu|, 10^{-12})`, spike iff :math:`z >` threshold;
     3. update with the winsorised :math:`x' = x` (no spike) or :math:`\mu + \text{threshold}\cdot\sigma`:
@@ -66,7 +78,7 @@ class ZScore:
         self.warmup = int(warmup)
         self.window = int(window)
         self.min_count = int(min_count)
-        # Device state, created lazily: count = finite values accepted so far (it also gives the fill and
+        # Device state, created lazily: count = usable values accepted so far (it also gives the fill and
         # the write position of the buffer), buf = warm-up buffer (EMA) or ring buffer (window).
         self._count: Tensor | None = None
         self._buf: Tensor | None = None
@@ -146,46 +158,55 @@ class ZScore:
             return self._update_ema(x)
         return self._update_window(x)
 
+    def _usable(self, x: Tensor) -> Tensor:
+        """|x| <= B (see the class docstring): finite and too small to overflow a sum of squared deviations.
+
+        B is a Python float from the buffer's dtype and length, so the comparison reads nothing on the host;
+        NaN compares False.
+        """
+        bound = math.sqrt(torch.finfo(self._buf.dtype).max / (8 * self._buf.numel()))
+        return x.abs() <= bound
+
     def _z(self, x: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
         # Relative floor: a constant series (sigma = 0) gives z = 0 instead of 0/0.
         return (x - mu) / torch.maximum(sigma, 1e-4 * mu.abs()).clamp(min=1e-12)
 
     def _update_ema(self, x: Tensor) -> tuple[Tensor, Tensor]:
         count, buf, mu, var = self._count, self._buf, self._mu, self._var
-        finite = torch.isfinite(x)
+        usable = self._usable(x)
         ready = count >= self.warmup
         sigma = var.sqrt()
         z = self._z(x, mu, sigma)
-        spike = ~finite | (ready & (z > self.threshold))
-        z = torch.where(finite, torch.where(ready, z, 0.0), math.inf)
+        spike = ~usable | (ready & (z > self.threshold))
+        z = torch.where(usable, torch.where(ready, z, 0.0), math.inf)
 
-        # EMA step with the winsorised value; applied only to finite values after warm-up.
+        # EMA step with the winsorised value; applied only to usable values after warm-up.
         delta = torch.where(spike, mu + self.threshold * sigma, x) - mu
         mu_ema = mu + (1.0 - self.alpha) * delta
         var_ema = self.alpha * (var + (1.0 - self.alpha) * delta.square())
 
         # Warm-up: write x at position `count` through a device index; rewriting the old value when x is
         # not accepted keeps this a single unconditional kernel.
-        write = finite & ~ready
+        write = usable & ~ready
         idx = count.clamp(max=self.warmup - 1).view(1)  # 1-element index: a 0-dim one is read as a Python int
         buf.index_put_((idx,), torch.where(write, x, buf.index_select(0, idx)))
-        count.add_(finite.to(count.dtype))
+        count.add_(usable.to(count.dtype))
         completes = write & (count == self.warmup)
         buf_var, buf_mu = torch.var_mean(buf, correction=0)
 
-        take_ema = ready & finite
+        take_ema = ready & usable
         mu.copy_(torch.where(take_ema, mu_ema, torch.where(completes, buf_mu, mu)))
         var.copy_(torch.where(take_ema, var_ema, torch.where(completes, buf_var, var)))
         return z, spike
 
     def _update_window(self, x: Tensor) -> tuple[Tensor, Tensor]:
         count, buf = self._count, self._buf
-        finite = torch.isfinite(x)
+        usable = self._usable(x)
         ready = count >= self.min_count
         mu, var = self._buffer_stats()
         sigma = var.sqrt()
-        spike = ~finite | (ready & (x > mu + self.threshold * sigma))
-        z = torch.where(finite, torch.where(ready, self._z(x, mu, sigma), 0.0), math.inf)
+        spike = ~usable | (ready & (x > mu + self.threshold * sigma))
+        z = torch.where(usable, torch.where(ready, self._z(x, mu, sigma), 0.0), math.inf)
 
         # Ring buffer: accepted values overwrite the oldest entry at count mod window.
         accept = ~spike

@@ -117,6 +117,36 @@ def test_zscore_window_ring_keeps_last_values() -> None:
     assert zs.var.item() == 1.25
 
 
+def _poisoned_warmup_then_spike(zs: ZScore, warmup: int) -> tuple[list[tuple[float, bool]], list[tuple[float, bool]]]:
+    """Warm-up values around 1.0 with one 1e30 (float32), 20 normal values, then a 100x spike."""
+    gen = torch.Generator().manual_seed(0)
+    normal = (1.0 + 0.1 * torch.randn(warmup + 20, generator=gen)).tolist()
+    values = normal[:3] + [1e30] + normal[3:] + [100.0]
+    out = feed(zs, values, torch.float32)
+    return out[3:4], out[4:]
+
+
+@pytest.mark.parametrize("mode", ["ema", "window"])
+def test_zscore_one_huge_warmup_value_does_not_blind_the_statistic(mode: str) -> None:
+    """1e30 squared overflows float32: it must not make σ² infinite (z = 0 for everything after it)."""
+    zs = ZScore(mode, threshold=6.0, warmup=10, window=64, min_count=10)
+    (huge,), rest = _poisoned_warmup_then_spike(zs, 10)
+    normal, (z_spike, spike) = rest[:-1], rest[-1]
+    assert spike and math.isfinite(z_spike) and z_spike > 100.0
+    assert all(math.isfinite(z) and abs(z) < 6.0 and not s for z, s in normal)
+    assert math.isfinite(zs.var.item()) and zs.mean.item() == pytest.approx(1.0, abs=0.2)
+    assert huge == (math.inf, True)  # beyond what the float32 statistic can hold: treated as non-finite
+
+
+def test_zscore_values_at_the_overflow_bound_keep_the_statistics_finite() -> None:
+    """The largest accepted values, alternating in sign, still give a finite mean and variance."""
+    for mode in ("ema", "window"):
+        zs = ZScore(mode, warmup=4, window=4, min_count=4)
+        bound = math.sqrt(torch.finfo(torch.float32).max / (8 * 4))
+        feed(zs, [bound * 0.999, -bound * 0.999] * 6)
+        assert math.isfinite(zs.mean.item()) and math.isfinite(zs.var.item()) and zs.var.item() > 0, mode
+
+
 # ------------------------------------------------------------------------------ 3. resume
 @pytest.mark.parametrize("mode", ["ema", "window"])
 def test_zscore_resume_is_bit_identical(mode: str) -> None:
