@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from lightning_optim import registry
-from lightning_optim.functional import am_beta, effective_beta, inverse_sqrt, pull_towards_, sum_of_squares
+from lightning_optim.functional import adam_denom, adam_denoms_capturable, am_beta, effective_beta, inverse_sqrt, pull_towards_, sum_of_squares
 from lightning_optim.callbacks._base import StabilityCallback, StepContext
 from lightning_optim.callbacks._pipeline import StepRecord
 from lightning_optim.monitors import tags
@@ -179,8 +179,6 @@ def _adam_denominator(state: dict, g: Tensor, group: dict) -> Tensor:
     beta2 = float(group["betas"][1])
     v = state["exp_avg_sq"] * beta2 + (1 - beta2) * g.square()
     step = state["step"]
-    if isinstance(step, Tensor) and step.device.type != "cpu":
-        bias = 1 - torch.pow(beta2, step + 1)  # fused/capturable: the step lives on the device
-    else:
-        bias = 1 - beta2 ** (float(step) + 1)  # a CPU tensor or number: no device sync
-    return (v / bias).sqrt_().add_(group["eps"])
+    if isinstance(step, Tensor) and step.device.type != "cpu":  # fused/capturable: the step lives on the device
+        return adam_denoms_capturable([v], [step + 1], beta2, float(group["eps"]))[0]
+    return adam_denom(v, float(step) + 1, beta2, float(group["eps"]))  # a CPU tensor or number: no device sync
