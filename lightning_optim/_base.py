@@ -20,7 +20,16 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
 
 from lightning_optim.functional import adam_denoms_capturable, adam_step_, adam_step_foreach_
-from lightning_optim.lowbit import LowBitMoments, init_moment, is_low_bit, is_quantized, to_full_, to_low_bit_
+from lightning_optim.lowbit import (
+    LowBitMoments,
+    init_moment,
+    is_low_bit,
+    is_quantized,
+    quantized_keys,
+    to_full_,
+    to_low_bit_,
+    warn_if_embedding_like,
+)
 from lightning_optim.validation import (  # noqa: F401  (re-exported for code written against _base)
     check_betas,
     check_compile,
@@ -71,7 +80,7 @@ class StateSpec:
 
     def stored_keys(self) -> set[str]:
         """Every key a state may hold, in either layout (``<key>_codes``/``<key>_absmax`` when 8-bit)."""
-        quantized = {f"{k}_{suffix}" for k in self.moments for suffix in ("codes", "absmax")}
+        quantized = {name for k, signed in self.moments.items() for name in quantized_keys(k, signed)}
         return set(self.keys) | quantized
 
 
@@ -119,6 +128,7 @@ class StepCountedOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._validate_group(group)
+        warn_if_embedding_like(group, self)
         # A group added later joins the shared clock instead of starting its own.
         group["global_step"] = self.param_groups[0].get("global_step", 0) if len(self.param_groups) > 1 else 0
 
@@ -215,7 +225,7 @@ class StepCountedOptimizer(Optimizer):
     def _low_bit_moments(self, p: Tensor, state: dict[str, Any], reset: bool = False) -> Iterator[list[Tensor]]:
         """Dequantized working copies of ``p``'s 8-bit moments (in ``_moments`` order), requantized on exit.
 
-        ``reset`` first writes the zero code into every moment (absmax unchanged): the copies are then
+        ``reset`` first resets every moment (zero code, absmax 0, as a fresh moment): the copies are then
         exact zeros. Nothing is stored if the body raises.
         """
         moments = LowBitMoments(state, self._moments, state_dtype(p))

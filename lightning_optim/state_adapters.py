@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from lightning_optim.lowbit import dequantize_blockwise, device_map, zero_code
+from lightning_optim.lowbit import check_mask, dequantize_blockwise, load_moment, reset_moment_
 
 __all__ = [
     "BitsAndBytesStateAdapter",
@@ -65,12 +65,6 @@ BNB_NESTED_KEY = "__bnb_optimizer_quant_state__"
 
 
 # -- helpers -------------------------------------------------------------------------------------------
-def _check_mask(mask: Tensor | None) -> None:
-    # Metadata only: checking the value would sync.
-    if mask is not None and not (isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.dim() == 0):
-        raise ValueError(f"Invalid mask: expected None or a 0-dim bool tensor, got {mask!r}.")
-
-
 def _zero_(tensor: Tensor, mask: Tensor | None) -> None:
     # masked_fill_ overwrites NaN/Inf (a multiply by 0 would keep them); the 0-dim mask broadcasts on the device.
     if mask is None:
@@ -79,14 +73,9 @@ def _zero_(tensor: Tensor, mask: Tensor | None) -> None:
         tensor.masked_fill_(mask, 0)
 
 
-def _fill_codes_(codes: Tensor, code: int | Tensor, mask: Tensor | None) -> None:
-    if isinstance(code, int):
-        if mask is None:
-            codes.fill_(code)
-        else:
-            codes.masked_fill_(mask, code)
-    else:  # a device tensor: masked_fill_ with a tensor value reads it on the host, torch.where does not
-        codes.copy_(code.expand_as(codes) if mask is None else torch.where(mask, code, codes))
+def _fill_codes_(codes: Tensor, code: Tensor, mask: Tensor | None) -> None:
+    # code is a device tensor: masked_fill_ with a tensor value reads it on the host, torch.where does not
+    codes.copy_(code.expand_as(codes) if mask is None else torch.where(mask, code, codes))
 
 
 _ZERO_CODES: dict[tuple[int, torch.device], tuple[Tensor, int, Tensor]] = {}
@@ -212,9 +201,11 @@ class KeyedStateAdapter(_NamedMomentsAdapter):
         analogue of the EMA of g² (a copy).
 
     A moment stored in our 8-bit layout (``<key>_codes`` uint8, ``<key>_absmax`` fp32 per 256-block;
-    signed map for the first moment, unsigned for the second) is read dequantized and reset by setting
-    every code to the map's zero (127 signed, 0 unsigned) and every absmax to 0: the dequantized value is
-    then exactly 0 even where absmax had become Inf or NaN.
+    signed map for the first moment, unsigned for the second, √v for second moments written in layout 2)
+    is read with :func:`lightning_optim.lowbit.load_moment` and reset with
+    :func:`lightning_optim.lowbit.reset_moment_`, the optimizers' own reset: every code ← the map's zero
+    (127 signed, 0 unsigned) and every absmax ← 0, so the value is exactly 0 even where absmax had become
+    Inf or NaN.
     """
 
     def __init__(
@@ -233,9 +224,8 @@ class KeyedStateAdapter(_NamedMomentsAdapter):
     def _read(self, state: dict[str, Any], key: str | None, signed: bool) -> Tensor | None:
         if key is None:
             return None
-        codes = state.get(f"{key}_codes")
-        if codes is not None:
-            return dequantize_blockwise(codes, state[f"{key}_absmax"], device_map(signed, codes.device))
+        if f"{key}_codes" in state:
+            return load_moment(state, key, signed)
         return state.get(key)  # None for torch SGD without momentum
 
     def first_moment(self, state: dict[str, Any]) -> Tensor | None:
@@ -246,14 +236,13 @@ class KeyedStateAdapter(_NamedMomentsAdapter):
         return value.square() if value is not None and self.second_is_inf_norm else value
 
     def reset_(self, state: dict[str, Any], mask: Tensor | None = None) -> None:
-        _check_mask(mask)
+        check_mask(mask)
         keys = [(self.first, True), (self.second, False)] + [(key, False) for key in self.also_reset]
         for key, signed in keys:
             if key is None:
                 continue
             if f"{key}_codes" in state:
-                _fill_codes_(state[f"{key}_codes"], zero_code(signed), mask)
-                _zero_(state[f"{key}_absmax"], mask)
+                reset_moment_(state, key, signed, mask=mask)
             elif isinstance(state.get(key), Tensor):
                 _zero_(state[key], mask)
 
@@ -304,7 +293,7 @@ class BitsAndBytesStateAdapter(_NamedMomentsAdapter):
         return self._read(state, self.second)
 
     def reset_(self, state: dict[str, Any], mask: Tensor | None = None) -> None:
-        _check_mask(mask)
+        check_mask(mask)
         tensors = self._tensors(state)
         for key in (self.first, self.second):
             value = tensors.get(key) if key is not None else None
@@ -351,7 +340,7 @@ class TorchAOStateAdapter(KeyedStateAdapter):
         return value.dequantize() if _is_torchao_quantized(value) else value
 
     def reset_(self, state: dict[str, Any], mask: Tensor | None = None) -> None:
-        _check_mask(mask)
+        check_mask(mask)
         for key in (self.first, self.second, *self.also_reset):
             value = state.get(key)
             if _is_torchao_quantized(value):

@@ -326,3 +326,30 @@ def test_module_does_not_import_torchao():
     code = "import sys, lightning_optim.state_adapters; print('torchao' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- ours: 8-bit state (√-layout second moments) through the adapters ---------------------------------------
+def _ours_8bit(params):
+    from lightning_optim import SPAM
+
+    # the callbacks do the clipping and the resets: SPAM's own are off
+    return SPAM(params, lr=LR, threshold=math.inf, reset_interval=0, clip_delay=0, state_bits=8)
+
+
+def test_ours_8bit_momentum_reset_and_spike_clipping_fit():
+    from lightning_optim.lowbit import SQRT_LAYOUT, load_moment
+
+    before, after = Probe(), Probe()
+    callbacks = [GradientSpike({15}, factor=1e4), before, SpikeAwareClipping(THRESHOLD, clip_delay=5),
+                 MomentumReset(interval=10, warmup_steps=5), after]
+    trainer, module = _fit(_ours_8bit, callbacks, 22)
+    optimizer = trainer.optimizers[0]
+    state = optimizer.state[module.net[2].weight]  # 64×64: 8-bit moments, v in the √ layout
+    assert state["exp_avg_sq_layout"] == SQRT_LAYOUT and after.rows[5]["n_quantized"] == 2
+    adapter = state_adapter(optimizer)
+    assert torch.equal(adapter.second_moment(state), load_moment(state, "exp_avg_sq", False))
+    for step in (9, 19):  # T = 10, 20: the adapter's reset gives exact +0 (dequantized)
+        assert after.rows[step]["zero"] and after.rows[step]["lr"] == pytest.approx(0.01 * LR)
+    assert not after.rows[14]["zero"]
+    assert before.rows[15]["over"] > 0.5 and after.rows[15]["over"] == 0.0  # the spike is clipped against √-layout v
+    assert all(torch.isfinite(m).all() for m in _moments(optimizer))
