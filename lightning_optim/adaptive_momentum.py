@@ -20,6 +20,7 @@ from lightning_optim.functional import (
     effective_beta,
     inverse_sqrt,
     pull_towards_,
+    second_moment_capturable_,
     sum_of_squares,
 )
 from lightning_optim.lowbit import init_moment, is_quantized, load_moment, store_moment_
@@ -454,8 +455,7 @@ def _am_adamw_capturable_sums(
     """Compiled phase 1: advance v and t, return A = Σ g²/D and B = Σ (d − g)²/D (D not kept)."""
     g32 = as_compute(grads)
     torch._foreach_add_(steps, 1.0)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, g32, g32, 1 - beta2)
+    second_moment_capturable_(exp_avg_sqs, g32, beta2)
     denoms = adam_denoms_capturable(exp_avg_sqs, steps, beta2, eps)
     scales = inverse_sqrt(denoms)
     return sum_of_squares(g32, scales), sum_of_squares(torch._foreach_sub(exp_avgs, g32), scales)

@@ -31,6 +31,7 @@ __all__ = [
     "adam_denoms_capturable",
     "adam_denoms_foreach",
     "adam_moments_",
+    "adam_moments_capturable_",
     "adam_moments_foreach_",
     "adam_step_",
     "adam_step_foreach_",
@@ -42,6 +43,7 @@ __all__ = [
     "one_minus_pow",
     "pull_towards_",
     "safe_norms",
+    "second_moment_capturable_",
     "spam_schedule",
     "spam_warmup_factor",
     "spike_clip_",
@@ -96,6 +98,38 @@ def adam_moments_foreach_(
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+
+
+def adam_moments_capturable_(
+    exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], grads: list[Tensor], beta1: float, beta2: float
+) -> None:
+    """:func:`adam_moments_foreach_` for compiled steps, with v's increment formed as ((1 − β2)·g)·g.
+
+    Eager ``addcmul`` multiplies the value into the first factor before the second; inductor forms g·g
+    first, which overflows to inf for |g| > 1.8e19 where eager gives a finite v. Writing the order out
+    keeps the compiled path equal to the eager ones (inside the graph the extra product is fused).
+
+    Args:
+        exp_avgs: first moments.
+        exp_avg_sqs: second moments.
+        grads: gradients.
+        beta1: β1.
+        beta2: β2.
+    """
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    second_moment_capturable_(exp_avg_sqs, grads, beta2)
+
+
+def second_moment_capturable_(exp_avg_sqs: list[Tensor], grads: list[Tensor], beta2: float) -> None:
+    """v ← β2·v + ((1 − β2)·g)·g for compiled steps (see :func:`adam_moments_capturable_` for the order).
+
+    Args:
+        exp_avg_sqs: second moments.
+        grads: gradients.
+        beta2: β2.
+    """
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, torch._foreach_mul(grads, 1 - beta2), grads)
 
 
 def adam_denom(exp_avg_sq: Tensor, step: float, beta2: float, eps: float) -> Tensor:

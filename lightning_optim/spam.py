@@ -12,7 +12,7 @@ from torch import Tensor
 from lightning_optim._base import StateSpec, StepCountedOptimizer, as_compute, compiled, write_back
 from lightning_optim.functional import (
     adam_denoms_capturable,
-    adam_moments_foreach_,
+    adam_moments_capturable_,
     adam_step_,
     adam_step_foreach_,
     decoupled_decay_,
@@ -236,7 +236,7 @@ def _spam_capturable(
     if clip:
         spike_clip_(g32, exp_avg_sqs, threshold)
         write_back(grads, g32)
-    adam_moments_foreach_(exp_avgs, exp_avg_sqs, g32, beta1, beta2)
+    adam_moments_capturable_(exp_avgs, exp_avg_sqs, g32, beta1, beta2)
     decoupled_decay_(p32, lr, weight_decay)
     neg_step_size = torch._foreach_pow(beta1, steps)  # becomes lr / (beta1^t - 1) = -lr / bc1
     torch._foreach_sub_(neg_step_size, 1)

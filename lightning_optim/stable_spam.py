@@ -17,6 +17,7 @@ from lightning_optim.functional import (
     decoupled_decay_,
     one_minus_pow,
     safe_norms,
+    second_moment_capturable_,
 )
 from lightning_optim.validation import check_betas, check_compile, check_int, check_range, check_state_bits
 
@@ -355,8 +356,7 @@ def _stable_spam_capturable(
     torch._foreach_add_(steps, 1.0)
     torch._foreach_mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, torch._foreach_mul(g32, 1 - beta1))
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, g32, g32, 1 - beta2)
+    second_moment_capturable_(exp_avg_sqs, g32, beta2)
     denoms = adam_denoms_capturable(exp_avg_sqs, steps, beta2, eps)
     torch._foreach_mul_(denoms, one_minus_pow(beta1, steps))
     update = torch._foreach_div(exp_avgs, denoms)
