@@ -1,4 +1,4 @@
-"""One step pipeline per optimizer, shared by every stability callback.
+"""One step pipeline per optimizer, shared by every stability callback, on one step clock per optimizer.
 
 Lightning calls each callback's ``on_before_optimizer_step`` in list order. The stability callbacks must
 not depend on that order (SPAM = AdamW + SpikeAwareClipping + MomentumReset holds either way), so the
@@ -6,22 +6,38 @@ first of them in ``trainer.callbacks`` (the *leader*) runs every attached callba
 order: detection and spike action (SpikeGuard), periodic reset (MomentumReset), spike-aware clipping,
 adaptive momentum. The others' hooks do nothing.
 
-The per-optimizer :class:`StepRecord` keeps the host-side clock: ``completed`` optimizer steps (counted
-by a step post-hook, so a step skipped by a GradScaler is not counted), the step ``last_reset`` of the last
-moment reset and its warm-up length. It scales every group's learning rate by the warm-up factor in a
-step pre-hook and restores the exact previous value in the post-hook, so LR schedulers never see it.
+Each job has one owner:
 
-Device decisions (SpikeGuard's spike flag) never reach the host on the step they are taken: the post-hook
-copies them to pinned host memory without blocking, and the next step's pipeline reads them. By then the
+- :class:`StepClock` (one per optimizer, :func:`clock_for`): the optimizer steps that really ran
+  (``completed``, counted by the only step hooks registered on the optimizer, so a step skipped by a
+  GradScaler is not counted) and the moment-reset bookkeeping on that count (``last_reset``,
+  ``reset_warmup``, ``resets``). :class:`~lightning_optim.callbacks.LRSafetyRadius` reads the same clock.
+- :class:`LRWarmup`: scales every group's learning rate by the warm-up factor for one step and puts the
+  exact previous value back right after it, so LR schedulers (and checkpoints) never see it.
+- :class:`DeferredDecisions`: device flags (SpikeGuard's spike flag) that the host reads one step later,
+  and the host follow-ups they produce (a reset due, a stop due).
+- :class:`StepUndoLog`: how to undo a step a flag may call off: device copies restored right after the
+  step, host values put back when the host reads the flag.
+- :class:`OptimizerPipeline` (one per optimizer, :func:`pipeline_for`) composes the last three and runs
+  them around the clock's step events.
+
+Device decisions never reach the host on the step they are taken: at the end of the step the flag is
+copied to pinned host memory without blocking, and the next step's pipeline reads it. By then the
 device has long finished that work, so the read does not stall it. Everything the host does with a flag
 (a reset, undoing a skipped step's host counters, stopping) therefore happens exactly one optimizer step
 later, identically on every rank and on every device type.
+
+Checkpoints: :meth:`OptimizerPipeline.state_dict` changes nothing. A decision still pending is saved with
+its value (reading a flag of a finished step is cheap, and saving is not a per-step path) and re-queued
+on load, so it acts at the same step as in the uninterrupted run; the host values its undo would put
+back are saved by reference (param-group index, parameter index, state key), because Lightning restores
+the optimizer state after the callbacks and into new objects.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,45 +48,41 @@ from lightning_optim.functional import spam_warmup_factor
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
 
-_RECORD_ATTR = "_lightning_optim_step_record"
+# The clock keeps the attribute name of the former all-in-one step record: code reading
+# ``optimizer._lightning_optim_step_record.completed`` / ``.resets`` keeps working.
+_CLOCK_ATTR = "_lightning_optim_step_record"
+_PIPELINE_ATTR = "_lightning_optim_pipeline"
 
 
-@dataclass
-class DeferredFlag:
-    """A 0-dim bool device tensor whose value the host reads one step later, and what to do then."""
+# --- the clock -------------------------------------------------------------------------------------------
+@dataclass(eq=False)  # compared by identity: subscribing the same listener twice is a no-op
+class ClockListener:
+    """What a user of the clock runs at the start and at the end of every step that really runs."""
 
-    step: int
-    on_host: Tensor
-    event: Any
-    action: Callable[[StepRecord, int], None]
+    on_start: Callable[[], None] | None = None
+    on_end: Callable[[int], None] | None = None  # gets the 1-based index of the step that just ran
 
 
-@dataclass
-class StepRecord:
-    """Host-side clock and hooks of one optimizer (see module docstring)."""
+class StepClock:
+    """The optimizer steps that really ran, and where the last moment reset lies on that count.
 
-    optimizer: torch.optim.Optimizer
-    index: int
-    completed: int = 0
-    last_reset: int = 0
-    reset_warmup: int = 0
-    resets: int = 0
-    reset_due: bool = False
-    stop_due: int = 0
-    lr_factor: float = 1.0
-    _saved_lrs: list[Any] | None = None
-    _in_step: bool = False
-    _deferred: list[DeferredFlag] = field(default_factory=list)
-    _this_step_flags: list[tuple[Tensor, Callable[[StepRecord, int], None]]] = field(default_factory=list)
-    _after_step: list[Callable[[], None]] = field(default_factory=list)
-    _handles: list[Any] = field(default_factory=list)
-    # host values to put back if the device flag of that step says "undo" (SpikeGuard skip/stop)
-    host_snapshots: dict[int, list[tuple[Any, Any, Any]]] = field(default_factory=dict)
+    Created on first use and attached to its optimizer (:func:`clock_for`); its step pre- and post-hooks
+    are the only ones registered, while at least one listener is subscribed.
+    """
 
-    # --- clock -------------------------------------------------------------------------------------
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.completed = 0
+        self.last_reset = 0  # step T of the last moment reset (0: none yet)
+        self.reset_warmup = 0  # learning-rate warm-up length after that reset
+        self.resets = 0
+        self.in_step = False  # between the step's pre- and post-hook
+        self._listeners: list[ClockListener] = []
+        self._handles: list[Any] = []
+
     @property
     def step(self) -> int:
-        """T: the 1-based index of the optimizer step about to run."""
+        """T: the 1-based index of the optimizer step about to run (or running)."""
         return self.completed + 1
 
     @property
@@ -85,140 +97,459 @@ class StepRecord:
         return spam_warmup_factor(self.steps_since_reset, self.reset_warmup)
 
     def record_reset(self, warmup_steps: int) -> None:
+        """The moments are reset at this step; warm the learning rate up over ``warmup_steps`` steps."""
         self.last_reset = self.step
         self.reset_warmup = warmup_steps
         self.resets += 1
 
-    # --- deferred device decisions -------------------------------------------------------------------
-    def defer(self, flag: Tensor, action: Callable[[StepRecord, int], None]) -> None:
-        """Act on ``flag`` on the host one optimizer step later (only if this step really runs)."""
-        self._this_step_flags.append((flag, action))
+    def extend_warmup(self, warmup_steps: int) -> None:
+        """Another stage resets at the step already reset: one reset, the longer warm-up."""
+        self.reset_warmup = max(self.reset_warmup, warmup_steps)
 
-    def after_step(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` right after this step's ``optimizer.step`` (not at all if a GradScaler skips it)."""
-        self._after_step.append(fn)
+    def uncount_step(self) -> None:
+        """The last counted step was undone (SpikeGuard skip/stop): it did not happen."""
+        self.completed -= 1
 
-    def resolve(self) -> None:
-        """Read the flags of earlier steps (waiting for the device only if it has not got there yet)."""
-        deferred, self._deferred = self._deferred, []
-        for item in deferred:
-            if item.event is not None:
-                item.event.synchronize()
-            if bool(item.on_host):
-                item.action(self, item.step)
-            self.host_snapshots.pop(item.step, None)
+    def resume_count(self, completed: int) -> None:
+        """Continue counting from a checkpoint that saved only the count (LRSafetyRadius)."""
+        self.completed = completed
 
-    # --- optimizer hooks -----------------------------------------------------------------------------
-    def attach(self) -> None:
+    # --- undo support --------------------------------------------------------------------------------
+    def reset_bookkeeping(self) -> dict[str, int]:
+        """The reset fields, to put back with :meth:`restore_reset_bookkeeping` if a step is undone."""
+        return {"last_reset": self.last_reset, "reset_warmup": self.reset_warmup, "resets": self.resets}
+
+    def restore_reset_bookkeeping(self, saved: dict[str, int]) -> None:
+        self.last_reset = int(saved["last_reset"])
+        self.reset_warmup = int(saved["reset_warmup"])
+        self.resets = int(saved["resets"])
+
+    # --- listeners and optimizer hooks ---------------------------------------------------------------
+    def subscribe(self, listener: ClockListener, first: bool = False) -> None:
+        """Run ``listener`` around every step; ``first``: before the listeners already subscribed."""
+        if listener in self._listeners:
+            return
+        self._listeners.insert(0 if first else len(self._listeners), listener)
         if not self._handles:
             self._handles = [
                 self.optimizer.register_step_pre_hook(self._pre_step),
                 self.optimizer.register_step_post_hook(self._post_step),
             ]
 
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._this_step_flags.clear()
-        self._after_step.clear()
+    def unsubscribe(self, listener: ClockListener) -> None:
+        """Stop running ``listener``; the last one to leave removes the optimizer hooks."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+        if not self._listeners:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+            self.in_step = False
 
-    def set_lr_factor(self, factor: float) -> None:
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.in_step = True
+        for listener in list(self._listeners):
+            if listener.on_start is not None:
+                listener.on_start()
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.in_step = False
+        self.completed += 1
+        for listener in list(self._listeners):
+            if listener.on_end is not None:
+                listener.on_end(self.completed)
+
+    # --- checkpoint ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, int]:
+        return {"completed": self.completed, **self.reset_bookkeeping()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.completed = int(state["completed"])
+        self.restore_reset_bookkeeping(state)
+
+
+def clock_for(optimizer: torch.optim.Optimizer) -> StepClock:
+    """The optimizer's clock, created on first use."""
+    clock = getattr(optimizer, _CLOCK_ATTR, None)
+    if clock is None:
+        clock = StepClock(optimizer)
+        setattr(optimizer, _CLOCK_ATTR, clock)
+    return clock
+
+
+# --- the learning-rate warm-up ---------------------------------------------------------------------------
+class LRWarmup:
+    """Scales every group's learning rate for one step and restores the exact previous value after it."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, clock: StepClock) -> None:
+        self.optimizer = optimizer
+        self.clock = clock
+        self.factor = 1.0
+        self._saved_lrs: list[Any] | None = None  # the unscaled values while the scaled ones are live
+        self._state_dict_hook: Any = None
+
+    def set_factor(self, factor: float) -> None:
         """Scale this step's learning rates by ``factor`` (restored right after the step).
 
         Without a GradScaler Lightning runs the closure, and so this pipeline, inside ``optimizer.step``,
         after the step pre-hook: apply at once. With one, the closure runs before ``scaler.step``: apply in
         the pre-hook, which a skipped step never reaches, so the scaled value can never outlive its step.
         """
-        self.lr_factor = factor
-        if self._in_step:
-            self._apply_lr()
+        self.factor = factor
+        if self.clock.in_step:
+            self.apply()
 
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._in_step = True
-        self._apply_lr()
-
-    def _apply_lr(self) -> None:
-        if self.lr_factor == 1.0 or self._saved_lrs is not None:
+    def apply(self) -> None:
+        if self.factor == 1.0 or self._saved_lrs is not None:
             return
         self._saved_lrs = []
         for group in self.optimizer.param_groups:
             lr = group["lr"]
             if isinstance(lr, Tensor):
                 self._saved_lrs.append(lr.clone())
-                lr.mul_(self.lr_factor)  # tensor lrs (capturable, torchao) must change in place
+                lr.mul_(self.factor)  # tensor lrs (capturable, torchao) must change in place
             else:
                 self._saved_lrs.append(lr)
-                group["lr"] = lr * self.lr_factor
+                group["lr"] = lr * self.factor
 
-    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._in_step = False
+    def restore(self) -> None:
         if self._saved_lrs is not None:
-            for group, lr in zip(optimizer.param_groups, self._saved_lrs):
+            for group, lr in zip(self.optimizer.param_groups, self._saved_lrs):
                 if isinstance(lr, Tensor):
                     group["lr"].copy_(lr)
                 else:
                     group["lr"] = lr
             self._saved_lrs = None
-        self.lr_factor = 1.0
-        for fn in self._after_step:
-            fn()
-        self._after_step.clear()
-        for flag, action in self._this_step_flags:
-            self._deferred.append(_to_host(self.step, flag, action))
-        self._this_step_flags.clear()
-        self.completed += 1
+        self.factor = 1.0
+
+    def discard(self) -> None:
+        """Forget a factor set for a step that never ran (a GradScaler skipped it before the pre-hook)."""
+        if not self.clock.in_step:
+            self.factor = 1.0
+
+    def attach(self) -> None:
+        if self._state_dict_hook is None:
+            self._state_dict_hook = self.optimizer.register_state_dict_post_hook(self._unscaled_in_state_dict)
+
+    def detach(self) -> None:
+        if self._state_dict_hook is not None:
+            self._state_dict_hook.remove()
+            self._state_dict_hook = None
+
+    def _unscaled_in_state_dict(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+        # a checkpoint taken mid-step must hold the scheduler's learning rate, not this step's scaled one;
+        # the packed groups are fresh dicts, so replacing an entry leaves the live groups alone
+        if self._saved_lrs is not None:
+            for packed, lr in zip(state["param_groups"], self._saved_lrs):
+                packed["lr"] = lr.clone() if isinstance(lr, Tensor) else lr
+        return state
+
+
+# --- deferred device decisions ---------------------------------------------------------------------------
+HostAction = Callable[["OptimizerPipeline", int], None]
+_HOST_ACTIONS: dict[str, HostAction] = {}
+
+
+def host_action(name: str) -> Callable[[HostAction], HostAction]:
+    """Register what the host does when a deferred flag is set, under a name a checkpoint can hold."""
+
+    def register(action: HostAction) -> HostAction:
+        _HOST_ACTIONS[name] = action
+        return action
+
+    return register
+
+
+@dataclass
+class PendingDecision:
+    """A flag of a finished step, on its way to (or already in) host memory."""
+
+    step: int
+    action: str
+    on_host: Tensor
+    ready: Any = None  # a CUDA event recorded after the copy; None when the copy is already complete
+
+    def fired(self) -> bool:
+        """The flag's value (waits for the copy only if the device has not got there yet)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return bool(self.on_host)
+
+
+class DeferredDecisions:
+    """Device flags the host acts on one optimizer step later, and the follow-ups that produces.
+
+    Follow-ups: ``reset_due`` (a spike reset for the next pipeline run) and ``stop_due`` (the step of the
+    spike that stops training; 0 while none); SpikeGuard's stage and stop hook consume them.
+    """
+
+    def __init__(self) -> None:
+        self._this_step: list[tuple[Tensor, str]] = []  # flags of the step in flight
+        self._pending: list[PendingDecision] = []  # flags of finished steps, not read yet
+        self.reset_due = False
+        self.stop_due = 0
+
+    def defer(self, flag: Tensor, action: str) -> None:
+        """Run the host action ``action`` one optimizer step later if ``flag`` is set (and this step runs)."""
+        if action not in _HOST_ACTIONS:
+            raise KeyError(f"Unknown host action {action!r}; register it with @host_action({action!r}).")
+        self._this_step.append((flag, action))
+
+    def step_finished(self, step: int) -> None:
+        """Start the copies of this step's flags to the host (they are read at the next pipeline run)."""
+        self._pending += [_to_host(step, flag, action) for flag, action in self._this_step]
+        self._this_step.clear()
 
     def discard_step(self) -> None:
-        """Forget this step's pending work (called when a new pipeline run starts without a completed step,
-        e.g. after a GradScaler skipped the step)."""
-        self._this_step_flags.clear()
-        self._after_step.clear()
-        self.host_snapshots.pop(self.step, None)
-        if not self._in_step:
-            self.lr_factor = 1.0
+        """Forget the flags of a step that did not run."""
+        self._this_step.clear()
+
+    def take(self) -> list[PendingDecision]:
+        """The pending decisions, in step order; they are no longer pending."""
+        pending, self._pending = self._pending, []
+        return pending
+
+    def pending_steps(self) -> set[int]:
+        return {decision.step for decision in self._pending}
+
+    def schedule_reset(self) -> None:
+        self.reset_due = True
+
+    def take_reset(self) -> bool:
+        """Whether a reset is due now; it is then no longer due."""
+        due, self.reset_due = self.reset_due, False
+        return due
+
+    def schedule_stop(self, step: int) -> None:
+        if not self.stop_due:  # the first spike names the stop
+            self.stop_due = step
 
     # --- checkpoint ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        self.resolve()
+        """Follow-ups and the pending decisions with their values; reads the flags, changes nothing."""
         return {
-            "completed": self.completed,
-            "last_reset": self.last_reset,
-            "reset_warmup": self.reset_warmup,
-            "resets": self.resets,
             "reset_due": self.reset_due,
             "stop_due": self.stop_due,
+            "pending": [{"step": d.step, "action": d.action, "fired": d.fired()} for d in self._pending],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("completed", "last_reset", "reset_warmup", "resets", "reset_due", "stop_due"):
-            setattr(self, key, type(getattr(self, key))(state[key]))
+        self.reset_due = bool(state["reset_due"])
+        self.stop_due = int(state["stop_due"])
+        self._this_step.clear()
+        self._pending = [
+            PendingDecision(int(d["step"]), str(d["action"]), torch.tensor(bool(d["fired"])))
+            for d in state.get("pending", ())  # checkpoints before the split resolved everything first
+        ]
 
 
-def _to_host(step: int, flag: Tensor, action: Callable[[StepRecord, int], None]) -> DeferredFlag:
+def _to_host(step: int, flag: Tensor, action: str) -> PendingDecision:
     if flag.device.type == "cpu":
-        return DeferredFlag(step, flag.clone(), None, action)
+        return PendingDecision(step, action, flag.clone())
     on_host = torch.empty((), dtype=torch.bool, pin_memory=True)
     on_host.copy_(flag, non_blocking=True)
     event = torch.cuda.Event() if flag.device.type == "cuda" else None
     if event is not None:
         event.record()
-    return DeferredFlag(step, on_host, event, action)
+    return PendingDecision(step, action, on_host, event)
 
 
-def record_for(optimizer: torch.optim.Optimizer, index: int) -> StepRecord:
-    """The optimizer's record, created (and its hooks registered) on first use."""
-    record = getattr(optimizer, _RECORD_ATTR, None)
-    if record is None:
-        record = StepRecord(optimizer, index)
-        setattr(optimizer, _RECORD_ATTR, record)
-    record.index = index
-    record.attach()
-    return record
+# --- undoing a step --------------------------------------------------------------------------------------
+@dataclass
+class HostValue:
+    """A host value of the optimizer to put back, named by where it lives rather than by object.
+
+    ``param`` None: the entry ``key`` of param group ``group``. Otherwise the state entry ``key`` of
+    parameter ``param`` of that group, or its whole state when ``key`` is None. ``absent``: it did not
+    exist, so putting it back removes it. References by index survive a checkpoint and the new state
+    objects of ``optimizer.load_state_dict``.
+    """
+
+    group: int
+    param: int | None
+    key: Any
+    value: Any = None
+    absent: bool = False
+
+    @classmethod
+    def of(cls, group: int, param: int | None, key: Any, value: Any) -> HostValue:
+        """A copy of ``value`` (a tensor would change in place in the next step)."""
+        return cls(group, param, key, value.clone() if isinstance(value, Tensor) else value)
+
+    def put_back(self, optimizer: torch.optim.Optimizer) -> None:
+        group = optimizer.param_groups[self.group]
+        if self.param is None:
+            container = group
+        else:
+            param = group["params"][self.param]
+            if self.key is None:
+                optimizer.state.pop(param, None)  # only "absent" is recorded for a whole state
+                return
+            container = optimizer.state[param]
+        if self.absent:
+            container.pop(self.key, None)
+        else:
+            container[self.key] = self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"group": self.group, "param": self.param, "key": self.key, "value": _copy(self.value), "absent": self.absent}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> HostValue:
+        return cls(state["group"], state["param"], state["key"], _copy(state["value"]), bool(state["absent"]))
 
 
-def existing_record(optimizer: torch.optim.Optimizer) -> StepRecord | None:
-    return getattr(optimizer, _RECORD_ATTR, None)
+@dataclass
+class HostUndo:
+    """The host half of one step's undo: optimizer values and the clock's reset bookkeeping."""
+
+    values: list[HostValue]
+    reset_bookkeeping: dict[str, int]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"values": [v.state_dict() for v in self.values], "clock": dict(self.reset_bookkeeping)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> HostUndo:
+        return cls([HostValue.from_state(v) for v in state["values"]], {k: int(v) for k, v in state["clock"].items()})
+
+
+class StepUndoLog:
+    """What it takes to undo an optimizer step that a device flag may call off.
+
+    Device tensors are restored on the device right after the step wherever the flag is set (no host
+    read). Host values (Python counters, CPU step tensors of a CUDA model, state a step creates) can only
+    be put back once the host reads the flag, one step later; they are kept per step until then.
+    """
+
+    def __init__(self) -> None:
+        self._on_device: list[tuple[Tensor, list[tuple[Tensor, Tensor]]]] = []  # step in flight: (flag, [(live, copy)])
+        self._on_host: dict[int, HostUndo] = {}
+
+    def keep(
+        self, step: int, flag: Tensor, on_device: list[tuple[Tensor, Tensor]], on_host: list[HostValue], clock: StepClock
+    ) -> None:
+        """Undo step ``step`` if ``flag`` is set: restore ``on_device`` after it, ``on_host`` when read."""
+        self._on_device.append((flag, on_device))
+        # a reset stage may still run at this step, after the caller: its bookkeeping is undone too
+        self._on_host[step] = HostUndo(on_host, clock.reset_bookkeeping())
+
+    def step_finished(self) -> None:
+        with torch.no_grad():
+            for flag, pairs in self._on_device:
+                for live, copy in pairs:
+                    torch.where(flag, copy, live, out=live)
+        self._on_device.clear()
+
+    def discard_step(self, step: int) -> None:
+        """Forget the undo of a step that did not run."""
+        self._on_device.clear()
+        self._on_host.pop(step, None)
+
+    def put_back(self, step: int, optimizer: torch.optim.Optimizer, clock: StepClock) -> None:
+        """Put the host values of ``step`` back (its flag was set)."""
+        undo = self._on_host.pop(step, None)
+        if undo is None:
+            return
+        for value in undo.values:
+            value.put_back(optimizer)
+        clock.restore_reset_bookkeeping(undo.reset_bookkeeping)
+
+    def forget(self, step: int) -> None:
+        self._on_host.pop(step, None)
+
+    def state_dict(self, steps: set[int]) -> dict[int, dict[str, Any]]:
+        """The host undo of ``steps`` (those with a pending decision; not the step in flight)."""
+        return {step: undo.state_dict() for step, undo in sorted(self._on_host.items()) if step in steps}
+
+    def load_state_dict(self, state: dict[Any, dict[str, Any]]) -> None:
+        self._on_device.clear()
+        self._on_host = {int(step): HostUndo.from_state(undo) for step, undo in state.items()}
+
+
+def _copy(value: Any) -> Any:
+    # a saved state dict must not share a tensor with live state that a later step changes in place
+    return value.clone() if isinstance(value, Tensor) else value
+
+
+# --- the pipeline ----------------------------------------------------------------------------------------
+class OptimizerPipeline:
+    """The stability callbacks' per-optimizer state: warm-up, deferred decisions and undo log on its clock."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, index: int) -> None:
+        self.optimizer = optimizer
+        self.index = index  # position in trainer.optimizers: names the per-optimizer tags and states
+        self.clock = clock_for(optimizer)
+        self.warmup = LRWarmup(optimizer, self.clock)
+        self.decisions = DeferredDecisions()
+        self.undo = StepUndoLog()
+        self._listener = ClockListener(on_start=self.warmup.apply, on_end=self._finish_step)
+
+    @property
+    def step(self) -> int:
+        """T: the 1-based index of the optimizer step in flight (on the clock)."""
+        return self.clock.step
+
+    def attach(self) -> None:
+        # first: a step is finished (learning rate restored, undone on the device) before anyone else
+        # (LRSafetyRadius) observes it
+        self.clock.subscribe(self._listener, first=True)
+        self.warmup.attach()
+
+    def detach(self) -> None:
+        self.clock.unsubscribe(self._listener)
+        self.warmup.detach()
+        self.decisions.discard_step()
+        self.undo.discard_step(self.clock.step)
+
+    def _finish_step(self, step: int) -> None:
+        self.warmup.restore()
+        self.undo.step_finished()
+        self.decisions.step_finished(step)
+
+    def begin_step(self) -> None:
+        """Start a pipeline run: drop what a GradScaler-skipped step queued, act on earlier decisions."""
+        self.decisions.discard_step()
+        self.undo.discard_step(self.clock.step)
+        self.warmup.discard()
+        self.resolve()
+
+    def resolve(self) -> None:
+        """Read the flags of earlier steps and run the host action of each one that is set."""
+        for decision in self.decisions.take():
+            if decision.fired():
+                _HOST_ACTIONS[decision.action](self, decision.step)
+            self.undo.forget(decision.step)
+
+    # --- checkpoint ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Clock, follow-ups, pending decisions and their host undo; changes no live state."""
+        decisions = self.decisions.state_dict()
+        return {
+            **self.clock.state_dict(),
+            **decisions,
+            "undo": self.undo.state_dict(self.decisions.pending_steps()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.clock.load_state_dict(state)
+        self.decisions.load_state_dict(state)
+        self.undo.load_state_dict(state.get("undo", {}))
+
+
+def pipeline_for(optimizer: torch.optim.Optimizer, index: int) -> OptimizerPipeline:
+    """The optimizer's pipeline, created (and attached to its clock) on first use."""
+    pipeline = getattr(optimizer, _PIPELINE_ATTR, None)
+    if pipeline is None:
+        pipeline = OptimizerPipeline(optimizer, index)
+        setattr(optimizer, _PIPELINE_ATTR, pipeline)
+    pipeline.index = index
+    pipeline.attach()
+    return pipeline
+
+
+def existing_pipeline(optimizer: torch.optim.Optimizer) -> OptimizerPipeline | None:
+    return getattr(optimizer, _PIPELINE_ATTR, None)
 
 
 def optimizer_index(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> int:

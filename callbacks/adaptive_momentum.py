@@ -8,7 +8,7 @@ from torch import Tensor
 from lightning_optim import registry
 from lightning_optim.functional import adam_denom, adam_denoms_capturable, am_beta, effective_beta, inverse_sqrt, pull_towards_, sum_of_squares
 from lightning_optim.callbacks._base import StabilityCallback, StepContext
-from lightning_optim.callbacks._pipeline import StepRecord
+from lightning_optim.callbacks._pipeline import OptimizerPipeline
 from lightning_optim.monitors import tags
 from lightning_optim.state_adapters import state_adapter
 from lightning_optim.validation import check_range
@@ -75,7 +75,7 @@ class AdaptiveMomentum(StabilityCallback):
         # under a GradScaler a non-finite step is skipped by the scaler after this hook: keep it out of d
         beta = self.premix_(ctx.optimizer, ctx.amp_scale, keep_if_nonfinite=ctx.grad_scaler)
         if beta is not None:
-            self._beta[ctx.record.index] = beta
+            self._beta[ctx.pipeline.index] = beta
 
     @torch.no_grad()
     def premix_(
@@ -126,8 +126,8 @@ class AdaptiveMomentum(StabilityCallback):
                 pull_towards_(group_memories, [diffs[i] for i in idx], weight)
         return beta_eff
 
-    def metrics(self, record: StepRecord) -> dict[str, Tensor | float]:
-        beta = self._beta.get(record.index)
+    def metrics(self, pipeline: OptimizerPipeline) -> dict[str, Tensor | float]:
+        beta = self._beta.get(pipeline.index)
         return {} if beta is None else {tags.BETA1: beta}
 
 

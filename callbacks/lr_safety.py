@@ -15,6 +15,7 @@ from torch import Tensor
 
 from lightning_optim.validation import check_int, check_range
 from lightning_optim.callbacks._logging import log_scalars
+from lightning_optim.callbacks._pipeline import ClockListener, StepClock, clock_for
 from lightning_optim.monitors import tags
 from lightning_optim.monitors.safety_radius import (
     Method,
@@ -76,7 +77,13 @@ class LRSafetyRadius(Callback):
     No host sync per step: r and s stay on the device until they are logged.
 
     Distributed: single device and DDP; the spread is all-reduced with MAX before ρ_a is formed, so every
-    rank applies the same s. Exactly one optimizer. A step skipped by a GradScaler is not counted.
+    rank applies the same s. Exactly one optimizer.
+
+    Steps are counted on the optimizer's step clock, shared with the stability callbacks
+    (``callbacks/_pipeline.py``): a step skipped by a GradScaler is not counted, nor one undone by
+    :class:`SpikeGuard` (``action="skip"``/``"stop"``). ``completed`` is the clock's count. The host
+    learns of an undo during the next step; without a GradScaler that is after the next step's probe
+    decision, so that one decision still counts the undone step.
 
     Args:
         mode: ``"monitor"`` (default) or ``"control"``.
@@ -118,7 +125,9 @@ class LRSafetyRadius(Callback):
         self.fd_epsilon = float(fd_epsilon)
         self.logits_fn = logits_fn
 
-        self.completed = 0  # optimizer steps that really ran (post-hook calls)
+        self._clock: StepClock | None = None  # the optimizer's shared step clock, from fit start on
+        self._resumed_completed: int | None = None  # a loaded count, handed to the clock at fit start
+        self._listener = ClockListener(on_start=self._pre_step, on_end=self._post_step)
         self.positions_per_row: int | None = None  # S, learned on the first probe
         self.ratio: Tensor | None = None
         self.radius: Tensor | None = None
@@ -132,7 +141,13 @@ class LRSafetyRadius(Callback):
         self._probing = False
         self._batch: Any = None
         self._log_due = False
-        self._handles: list[Any] = []
+
+    @property
+    def completed(self) -> int:
+        """Optimizer steps that really ran, on the optimizer's step clock."""
+        if self._clock is None:
+            return self._resumed_completed or 0
+        return self._clock.completed
 
     # --- Lightning hooks -----------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -152,10 +167,12 @@ class LRSafetyRadius(Callback):
         self._params = params
         self._names = [names[p] for p in params]
         self._remove_hooks()
-        self._handles = [
-            optimizer.register_step_pre_hook(self._pre_step),
-            optimizer.register_step_post_hook(self._post_step),
-        ]
+        self._clock = clock_for(optimizer)
+        if self._resumed_completed is not None:
+            # a pipeline restore (the stability callbacks, at train start) comes later and takes precedence
+            self._clock.resume_count(self._resumed_completed)
+            self._resumed_completed = None
+        self._clock.subscribe(self._listener)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch = batch
@@ -183,8 +200,8 @@ class LRSafetyRadius(Callback):
             metrics[tags.LR_SCALED_STEPS] = self.scaled_steps
         return metrics
 
-    # --- optimizer hooks -----------------------------------------------------------------------------
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    # --- step clock events ---------------------------------------------------------------------------
+    def _pre_step(self) -> None:
         step = self.completed + 1
         self._probing = self._batch is not None and (self.mode == "control" or step % self.every_n_steps == 0)
         if not self._probing:
@@ -197,8 +214,7 @@ class LRSafetyRadius(Callback):
             else:
                 self._snapshot = [p.detach().clone() for p in self._params]
 
-    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.completed += 1
+    def _post_step(self, step: int) -> None:
         if not self._probing or self._snapshot is None:
             return
         self._probing = False
@@ -217,7 +233,7 @@ class LRSafetyRadius(Callback):
             else:
                 self._snapshot = None  # monitor mode frees the copy after the probe
         del update
-        self._log_due = self.completed % self.every_n_steps == 0
+        self._log_due = step % self.every_n_steps == 0
 
     # --- the probe -----------------------------------------------------------------------------------
     def _probe(self, old: list[Tensor], update: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -262,9 +278,8 @@ class LRSafetyRadius(Callback):
         )
 
     def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        if self._clock is not None:  # the clock stays readable: ``completed`` after the fit
+            self._clock.unsubscribe(self._listener)
         self._snapshot = None
         self._batch = None
 
@@ -284,7 +299,10 @@ class LRSafetyRadius(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.completed = int(state_dict["completed"])
+        if self._clock is not None:
+            self._clock.unsubscribe(self._listener)
+        self._clock = None  # the count is the loaded one until the next fit attaches to a clock
+        self._resumed_completed = int(state_dict["completed"])
         self.method = state_dict["method"]
         self.positions_per_row = state_dict["positions_per_row"]
         for key in ("ratio", "radius", "scale"):

@@ -6,7 +6,7 @@ import torch
 
 from lightning_optim.validation import check_int
 from lightning_optim.callbacks._base import StabilityCallback, StepContext
-from lightning_optim.callbacks._pipeline import StepRecord
+from lightning_optim.callbacks._pipeline import OptimizerPipeline
 from lightning_optim.monitors import tags
 from lightning_optim.state_adapters import iter_states, state_adapter
 
@@ -51,14 +51,14 @@ class MomentumReset(StabilityCallback):
         state_adapter(optimizer)  # raises a TypeError naming the optimizer if it has no adapter
 
     def before_step(self, ctx: StepContext) -> None:
-        record = ctx.record
-        if self.interval == 0 or record.step % self.interval != 0:
+        clock = ctx.clock
+        if self.interval == 0 or clock.step % self.interval != 0:
             return
-        if record.last_reset == record.step:  # another stage reset this step: one reset, the longer warm-up
-            record.reset_warmup = max(record.reset_warmup, self.warmup_steps)
+        if clock.last_reset == clock.step:  # another stage reset this step: one reset, the longer warm-up
+            clock.extend_warmup(self.warmup_steps)
             return
         reset_moments(ctx.optimizer)
-        record.record_reset(self.warmup_steps)
+        clock.record_reset(self.warmup_steps)
 
-    def metrics(self, record: StepRecord) -> dict[str, torch.Tensor | float]:
-        return {tags.MOMENTUM_RESETS: float(record.resets)}
+    def metrics(self, pipeline: OptimizerPipeline) -> dict[str, torch.Tensor | float]:
+        return {tags.MOMENTUM_RESETS: float(pipeline.clock.resets)}

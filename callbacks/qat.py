@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from lightning_optim.validation import check_int
 from lightning_optim.callbacks._base import StabilityCallback, StepContext
-from lightning_optim.callbacks._pipeline import StepRecord
+from lightning_optim.callbacks._pipeline import OptimizerPipeline
 from lightning_optim.callbacks.momentum_reset import reset_moments
 from lightning_optim.callbacks.quant_monitor import LayerStats, QuantizationMonitor, quant_targets
 from lightning_optim.monitors import tags
@@ -203,22 +203,22 @@ class QuantizationAwareTraining(StabilityCallback):
             self._swap_in(pl_module)
 
     def before_step(self, ctx: StepContext) -> None:
-        record = ctx.record
-        if record.index not in self._pending_resets:
+        index, clock = ctx.pipeline.index, ctx.clock
+        if index not in self._pending_resets:
             return
-        self._pending_resets.discard(record.index)
-        if record.last_reset == record.step:
+        self._pending_resets.discard(index)
+        if clock.last_reset == clock.step:
             # another stage reset on this very step: one reset, the longer warm-up, whatever the order
-            record.reset_warmup = max(record.reset_warmup, self.reset_warmup_steps)
-        elif record.completed > 0 or any(len(s) > 0 for s in ctx.optimizer.state.values()):
+            clock.extend_warmup(self.reset_warmup_steps)
+        elif clock.completed > 0 or any(len(s) > 0 for s in ctx.optimizer.state.values()):
             reset_moments(ctx.optimizer)
-            record.record_reset(self.reset_warmup_steps)
+            clock.record_reset(self.reset_warmup_steps)
         else:
             return  # the optimizer has not stepped: nothing stale to forget
-        self._reset_at[record.index] = record.step
+        self._reset_at[index] = clock.step
 
-    def metrics(self, record: StepRecord) -> dict[str, Tensor | float]:
-        return {tags.MOMENTUM_RESETS: float(record.resets)} if self.reset_moments_on_start else {}
+    def metrics(self, pipeline: OptimizerPipeline) -> dict[str, Tensor | float]:
+        return {tags.MOMENTUM_RESETS: float(pipeline.clock.resets)} if self.reset_moments_on_start else {}
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

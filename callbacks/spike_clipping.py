@@ -10,7 +10,7 @@ from torch import Tensor
 from lightning_optim import registry
 from lightning_optim.validation import check_int, check_range
 from lightning_optim.callbacks._base import StabilityCallback, StepContext
-from lightning_optim.callbacks._pipeline import StepRecord
+from lightning_optim.callbacks._pipeline import OptimizerPipeline
 from lightning_optim.monitors import tags
 from lightning_optim.functional import spike_clip_
 from lightning_optim.state_adapters import state_adapter
@@ -58,9 +58,9 @@ class SpikeAwareClipping(StabilityCallback):
             )
 
     def before_step(self, ctx: StepContext) -> None:
-        if math.isinf(self.threshold) or ctx.record.steps_since_reset < self.clip_delay:
+        if math.isinf(self.threshold) or ctx.clock.steps_since_reset < self.clip_delay:
             if ctx.log_now:
-                self._clipped[ctx.record.index] = torch.zeros((), device=ctx.params[0].device)
+                self._clipped[ctx.pipeline.index] = torch.zeros((), device=ctx.params[0].device)
             return
         adapter = state_adapter(ctx.optimizer)
         grads, second_moments = [], []
@@ -73,11 +73,11 @@ class SpikeAwareClipping(StabilityCallback):
         if not grads:
             return
         if ctx.log_now:
-            self._clipped[ctx.record.index] = _clipped_fraction(grads, second_moments, self.threshold, ctx.amp_scale)
+            self._clipped[ctx.pipeline.index] = _clipped_fraction(grads, second_moments, self.threshold, ctx.amp_scale)
         spike_clip_(grads, second_moments, self.threshold, ctx.amp_scale)
 
-    def metrics(self, record: StepRecord) -> dict[str, Tensor | float]:
-        clipped = self._clipped.get(record.index)
+    def metrics(self, pipeline: OptimizerPipeline) -> dict[str, Tensor | float]:
+        clipped = self._clipped.get(pipeline.index)
         return {} if clipped is None else {tags.CLIPPED_FRACTION: clipped}
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lightning_optim.validation import check_int, check_range
 from lightning_optim.callbacks._base import StabilityCallback, StepContext
-from lightning_optim.callbacks._pipeline import StepRecord, existing_record
+from lightning_optim.callbacks._pipeline import HostValue, OptimizerPipeline, existing_pipeline, host_action
 from lightning_optim.callbacks.momentum_reset import reset_moments
 from lightning_optim.monitors import ZScore, global_grad_norm, tags
 from lightning_optim.state_adapters import TorchAOStateAdapter, state_adapter
@@ -163,16 +163,15 @@ class SpikeGuard(StabilityCallback):
 
     # --- the stage -----------------------------------------------------------------------------------
     def before_step(self, ctx: StepContext) -> None:
-        record = ctx.record
-        state = self._state(record.index)
+        decisions = ctx.pipeline.decisions
+        state = self._state(ctx.pipeline.index)
         device = ctx.params[0].device
         if state.last is None:
             state.counters = (state.counters if state.counters is not None else torch.zeros(2)).to(device)
             state.last = torch.zeros(3, device=device)
-        if record.reset_due:  # a spike reset decided one step ago
+        if decisions.take_reset():  # a spike reset decided one step ago
             reset_moments(ctx.optimizer)
-            record.record_reset(self.reset_warmup_steps)
-            record.reset_due = False
+            ctx.clock.record_reset(self.reset_warmup_steps)
 
         own_norm = _grad_norm(ctx)
         # The statistic is the same on every rank (a fault after DDP's all-reduce is local to one rank), so
@@ -193,7 +192,7 @@ class SpikeGuard(StabilityCallback):
         if ctx.grad_scaler:  # the scaler skips non-finite steps itself (and must see them to rescale)
             spike = spike & finite
         spike = _any_over_ranks(spike)  # a safety net: the inputs above are already the same on every rank
-        if record.stop_due:  # the host knows now: undo this step as well, then stop after the batch
+        if decisions.stop_due:  # the host knows now: undo this step as well, then stop after the batch
             spike = torch.ones_like(spike)
 
         state.counters[0] += spike.to(state.counters.dtype)
@@ -202,11 +201,11 @@ class SpikeGuard(StabilityCallback):
         if self.action in ("clip", "reset"):
             self._rescale(ctx, state, own_norm, spike, finite)
             if self.action == "reset":
-                record.defer(spike, _schedule_reset)
+                decisions.defer(spike, _SCHEDULE_RESET)
         else:
             _undo_if(ctx, spike)
             state.counters[1] += spike.to(state.counters.dtype)
-            record.defer(spike, _schedule_stop if self.action == "stop" else _undo_host_step)
+            decisions.defer(spike, _SCHEDULE_STOP if self.action == "stop" else _UNDO_HOST_STEP)
 
     def _rescale(self, ctx: StepContext, state: _GuardState, norm: Tensor, spike: Tensor, finite: Tensor) -> None:
         """g ← g·μ/‖g‖ on a spike; a non-finite gradient becomes 0 (left to the GradScaler under 16-mixed).
@@ -233,29 +232,33 @@ class SpikeGuard(StabilityCallback):
         if self.action != "stop":
             return
         for optimizer in trainer.optimizers:
-            record = existing_record(optimizer)
-            if record is None or not record.stop_due or record.stop_due in self._stop_saved:
+            pipeline = existing_pipeline(optimizer)
+            stop_due = pipeline.decisions.stop_due if pipeline is not None else 0
+            if not stop_due or stop_due in self._stop_saved:
                 continue
-            self._stop_saved.add(record.stop_due)
+            self._stop_saved.add(stop_due)
+            # Act on the undo still pending for this batch's step, so the checkpoint's optimizer state holds
+            # the host counters of before the spike too; training stops, so this one wait costs nothing.
+            pipeline.resolve()
             directory = trainer.log_dir or trainer.default_root_dir
-            path = os.path.join(directory, f"spike-step={record.stop_due}.ckpt")
+            path = os.path.join(directory, f"spike-step={stop_due}.ckpt")
             trainer.save_checkpoint(path)
             trainer.should_stop = True
             rank_zero_warn(
-                f"SpikeGuard: spike at optimizer step {record.stop_due} (optimizer {record.index}); the spiking "
+                f"SpikeGuard: spike at optimizer step {stop_due} (optimizer {pipeline.index}); the spiking "
                 f"step and the one after it were undone, checkpoint saved to {path}; stopping training."
             )
 
     # --- logging and checkpoints ---------------------------------------------------------------------
-    def metrics(self, record: StepRecord) -> dict[str, Tensor | float]:
-        state = self._states.get(record.index)
+    def metrics(self, pipeline: OptimizerPipeline) -> dict[str, Tensor | float]:
+        state = self._states.get(pipeline.index)
         if state is None or state.last is None:
             return {}
         out: dict[str, Tensor | float] = {
             tags.GRAD_NORM: state.last[0],
             tags.GRAD_NORM_Z: state.last[1],
             tags.SPIKES: state.counters[0],
-            tags.MOMENTUM_RESETS: float(record.resets),
+            tags.MOMENTUM_RESETS: float(pipeline.clock.resets),
         }
         if self.monitor != "grad_norm":
             out[tags.LOSS_Z] = state.last[2]
@@ -286,28 +289,27 @@ class SpikeGuard(StabilityCallback):
 
 
 # --- host actions, run one step after the device decided (see callbacks/_pipeline.py) -----------------
-def _schedule_reset(record: StepRecord, step: int) -> None:
-    record.reset_due = True
+# Registered by name: a decision still pending when a checkpoint is saved is saved with its action's name.
+_SCHEDULE_RESET = "spike_guard.schedule_reset"
+_UNDO_HOST_STEP = "spike_guard.undo_host_step"
+_SCHEDULE_STOP = "spike_guard.schedule_stop"
 
 
-def _undo_host_step(record: StepRecord, step: int) -> None:
-    for container, key, value in record.host_snapshots.pop(step, []):
-        if container is record:
-            setattr(record, key, value)
-        elif value is _MISSING:
-            container.pop(key, None)
-        else:
-            container[key] = value
-    record.completed -= 1
+@host_action(_SCHEDULE_RESET)
+def _schedule_reset(pipeline: OptimizerPipeline, step: int) -> None:
+    pipeline.decisions.schedule_reset()
 
 
-def _schedule_stop(record: StepRecord, step: int) -> None:
-    if not record.stop_due:
-        record.stop_due = step
-    _undo_host_step(record, step)
+@host_action(_UNDO_HOST_STEP)
+def _undo_host_step(pipeline: OptimizerPipeline, step: int) -> None:
+    pipeline.undo.put_back(step, pipeline.optimizer, pipeline.clock)
+    pipeline.clock.uncount_step()
 
 
-_MISSING = object()
+@host_action(_SCHEDULE_STOP)
+def _schedule_stop(pipeline: OptimizerPipeline, step: int) -> None:
+    pipeline.decisions.schedule_stop(step)
+    _undo_host_step(pipeline, step)
 
 
 def _undo_if(ctx: StepContext, flag: Tensor) -> None:
@@ -317,35 +319,29 @@ def _undo_if(ctx: StepContext, flag: Tensor) -> None:
     Host values (Python step counters, CPU step tensors of a CUDA model, our ``global_step``) and state
     created by this step are restored or removed by the host one step later, when it reads the flag.
     """
-    optimizer, record = ctx.optimizer, ctx.record
+    optimizer = ctx.optimizer
     device = flag.device
     on_device: list[tuple[Tensor, Tensor]] = []
-    on_host: list[tuple[Any, Any, Any]] = []
+    on_host: list[HostValue] = []
     with torch.no_grad():
-        for p in ctx.params:
-            on_device.append((p, p.detach().clone()))
-            state = optimizer.state.get(p)
-            if not state:
-                on_host.append((optimizer.state, p, _MISSING))
-                continue
-            for key, value in state.items():
-                if isinstance(value, Tensor) and value.device == device:
-                    on_device.append((value, value.clone()))
-                else:
-                    on_host.append((state, key, value.clone() if isinstance(value, Tensor) else value))
-    for group in optimizer.param_groups:
+        for g, group in enumerate(optimizer.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:  # the parameters of ctx.params, by position
+                    continue
+                on_device.append((p, p.detach().clone()))
+                state = optimizer.state.get(p)
+                if not state:
+                    on_host.append(HostValue(g, i, None, absent=True))  # the step creates it: remove it
+                    continue
+                for key, value in state.items():
+                    if isinstance(value, Tensor) and value.device == device:
+                        on_device.append((value, value.clone()))
+                    else:
+                        on_host.append(HostValue.of(g, i, key, value))
+    for g, group in enumerate(optimizer.param_groups):
         if "global_step" in group:
-            on_host.append((group, "global_step", group["global_step"]))
-    # a periodic reset may still run at this step (its stage comes later): undo its bookkeeping too
-    on_host += [(record, key, getattr(record, key)) for key in ("last_reset", "reset_warmup", "resets")]
-    record.host_snapshots[record.step] = on_host
-
-    def restore() -> None:
-        with torch.no_grad():
-            for live, copy in on_device:
-                torch.where(flag, copy, live, out=live)
-
-    record.after_step(restore)
+            on_host.append(HostValue.of(g, None, "global_step", group["global_step"]))
+    ctx.pipeline.undo.keep(ctx.clock.step, flag, on_device, on_host, ctx.clock)
 
 
 def _grad_norm(ctx: StepContext) -> Tensor:

@@ -193,7 +193,8 @@ def test_composes_with_spike_guard(action: str) -> None:
     guard, controller = SpikeGuard(warmup_steps=10, action=action), Probed(mode="control", target_ratio=0.5)
     fit(module, [GradientSpike({20}, 1e4), controller, guard], max_steps=30)
     assert float(guard._states[0].counters[0]) == 1.0  # the spike was seen
-    assert controller.completed == 30 and len(controller.scales) == 30
+    # one clock for every callback: the step SpikeGuard undid is not counted (30 optimizer steps ran)
+    assert controller.completed == (29 if action == "skip" else 30) and len(controller.scales) == 30
     assert torch.isfinite(flat_params(module)).all()
 
 
