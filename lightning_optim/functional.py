@@ -41,6 +41,7 @@ __all__ = [
     "effective_beta",
     "inverse_sqrt",
     "one_minus_pow",
+    "peak_abs",
     "pull_towards_",
     "safe_norms",
     "second_moment_capturable_",
@@ -307,6 +308,22 @@ def spike_clip_(grads: list[Tensor], exp_avg_sqs: list[Tensor], threshold: float
 
 
 # -- overflow-safe reductions ----------------------------------------------------------------------------
+def peak_abs(tensors: list[Tensor]) -> list[Tensor]:
+    """max |x| of each tensor as 0-dim tensors (NaN where the tensor holds a NaN).
+
+    Taken as max(max x, −min x) from one ``aminmax`` pass: on the CPU ``_foreach_norm(x, inf)`` is about
+    8x slower than an L2 norm (it is not vectorised), while ``aminmax`` costs about as much as one.
+
+    Args:
+        tensors: same-device tensors.
+    """
+    out = []
+    for x in tensors:
+        low, high = torch.aminmax(x)
+        out.append(torch.maximum(high, -low))
+    return out
+
+
 def safe_norms(tensors: list[Tensor], peaks: list[Tensor] | None = None) -> list[Tensor]:
     """Per-tensor L2 norms that stay finite for finite inputs.
 
@@ -317,11 +334,11 @@ def safe_norms(tensors: list[Tensor], peaks: list[Tensor] | None = None) -> list
 
     Args:
         tensors: same-device tensors.
-        peaks: their max |x| if already computed (``_foreach_norm(tensors, inf)``); computed otherwise.
+        peaks: their max |x| if already computed (:func:`peak_abs`); computed otherwise.
     """
     norms = torch._foreach_norm(tensors)
     if peaks is None:
-        peaks = torch._foreach_norm(tensors, math.inf)
+        peaks = peak_abs(tensors)
     n = torch.stack(norms)
     bound = torch.stack(peaks) * torch.tensor([math.sqrt(t.numel()) for t in tensors], dtype=n.dtype, device=n.device)
     overflowed = torch.isinf(n) & torch.isfinite(bound)
@@ -340,6 +357,11 @@ def sum_of_squares(tensors: list[Tensor], scales: list[Tensor] | None = None) ->
         tensors: x_i.
         scales: per-entry factors s_i of the same shapes, or None for plain squares.
     """
+    if torch.compiler.is_compiling():
+        # inside a compiled step a plain reduction fuses with the product (one pass, no temporary);
+        # _foreach_norm would run as an opaque kernel on a materialised product
+        pairs = tensors if scales is None else [x * s for x, s in zip(tensors, scales)]
+        return torch.stack([x.square().sum() for x in pairs]).double().sum()
     norms = torch._foreach_norm(tensors if scales is None else torch._foreach_mul(tensors, scales))
     return torch.stack(norms).double().square().sum()
 

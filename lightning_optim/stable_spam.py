@@ -16,6 +16,7 @@ from lightning_optim.functional import (
     adam_step_foreach_,
     decoupled_decay_,
     one_minus_pow,
+    peak_abs,
     safe_norms,
     second_moment_capturable_,
 )
@@ -273,7 +274,7 @@ def _clip_and_normalise_(
     ratio. Bias corrections 1 − γ^u come as host floats (eager) or device tensors (compiled), and γ1' as a
     float or a device tensor; per-tensor factors stay 0-dim device tensors, so nothing is read on the host."""
     # 1. entries above m_max_hat are scaled by m_max_hat / max|g|
-    peaks = torch._foreach_norm(grads, math.inf)
+    peaks = peak_abs(grads)
     torch._foreach_lerp_(m_maxs, peaks, 1 - gamma3)
     m_max_hat = torch._foreach_div(m_maxs, bc3)
     peak, cap = torch.stack(peaks), torch.stack(m_max_hat)

@@ -58,6 +58,7 @@ __all__ = [
     "TorchAOStateAdapter",
     "iter_states",
     "register_state_adapter",
+    "spec_adapter",
     "state_adapter",
 ]
 
@@ -388,6 +389,18 @@ def register_state_adapter(optimizer_cls: type, adapter: StateAdapter) -> None:
     _REGISTRY[optimizer_cls] = adapter
 
 
+def spec_adapter(optimizer_cls: type) -> KeyedStateAdapter:
+    """The adapter of an optimizer class that declares its state with a ``state_spec`` (our optimizers).
+
+    The first and second moment keys come from the declaration; further moments are reset too (with the
+    unsigned map when stored in 8 bits). Subclasses of ours without a registration get one from their own
+    ``state_spec`` on first use.
+    """
+    spec = optimizer_cls.state_spec
+    others = tuple(k for k in spec.moments if k not in (spec.first_moment, spec.second_moment))
+    return KeyedStateAdapter(optimizer_cls.__name__, spec.first_moment, spec.second_moment, also_reset=others)
+
+
 def state_adapter(optimizer: Optimizer) -> StateAdapter:
     """The adapter for ``optimizer``: its class's registration along the MRO, else the bitsandbytes or torchao rule.
 
@@ -396,7 +409,12 @@ def state_adapter(optimizer: Optimizer) -> StateAdapter:
     cls = type(optimizer)
     for klass in cls.__mro__:
         if klass in _REGISTRY:
+            if klass is not cls and "state_spec" in cls.__dict__:  # a subclass that declares its own state
+                break
             return _REGISTRY[klass]
+    if "state_spec" in cls.__dict__ and cls.state_spec.moments:
+        register_state_adapter(cls, spec_adapter(cls))
+        return _REGISTRY[cls]
     adapter = _LIBRARY_ADAPTERS.get(cls) or _library_adapter(optimizer)
     if adapter is not None:
         _LIBRARY_ADAPTERS[cls] = adapter
@@ -458,13 +476,10 @@ def _register_builtin() -> None:
         torch.optim.RMSprop,
         KeyedStateAdapter("torch.optim.RMSprop", "momentum_buffer", "square_avg", also_reset=("grad_avg",)),
     )
-    register_state_adapter(SPAM, KeyedStateAdapter("SPAM", *adam))
-    # StableSPAM's own reset zeroes exp_avg, exp_avg_sq and its Adam count k ("step") and keeps m_max,
-    # m_norm, v_norm and stat_step (spec: the statistics survive resets). The adapter zeroes the same
-    # moments and keeps the statistics; "step" stays untouched as for every optimizer.
-    register_state_adapter(StableSPAM, KeyedStateAdapter("StableSPAM", *adam))
-    register_state_adapter(AdaptiveMomentumAdamW, KeyedStateAdapter("AdaptiveMomentumAdamW", *adam))
-    register_state_adapter(AdaptiveMomentumSGD, KeyedStateAdapter("AdaptiveMomentumSGD", "momentum_buffer"))
+    # Ours declare their moments once (StateSpec); the adapter follows from that declaration. StableSPAM's
+    # statistics (m_max, m_norm, v_norm, stat_step) are scalars, which a reset keeps (spec: they survive).
+    for cls in (SPAM, StableSPAM, AdaptiveMomentumAdamW, AdaptiveMomentumSGD):
+        register_state_adapter(cls, spec_adapter(cls))
 
 
 _register_builtin()

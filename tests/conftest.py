@@ -18,6 +18,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test with one intra-op thread: on tiny tensors on a busy 2-core machine extra threads only add
+    synchronisation (steps up to 100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_mlp(dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.nn.Module:
     """A small MLP with a LayerNorm: weights, biases and norm parameters of different shapes."""
     torch.manual_seed(seed)

@@ -22,22 +22,16 @@ from lightning_optim.callbacks import AdaptiveMomentum, MomentumReset, SpikeAwar
 from lightning_optim.state_adapters import TorchAOStateAdapter, iter_states, state_adapter
 from test_state_adapters import _RecordOps, _assert_bit_identical, _is_pos_zero, _train
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Paged optimizers are not supported on CPU",
-    "ignore:.*does not have many workers",  # Lightning's DataLoader hint
-)
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore:Paged optimizers are not supported on CPU",
+        "ignore:.*does not have many workers",  # Lightning's DataLoader hint
+    ),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 LR = 1e-3
 THRESHOLD = 5000.0
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: intra-op threads only add synchronisation (100x slower steps on a busy 2-core machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class LowBitRegression(Regression):

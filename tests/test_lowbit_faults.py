@@ -39,13 +39,7 @@ from test_state_adapters import _RecordOps
 SIGNED, UNSIGNED = dynamic_map(True), dynamic_map(False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small tensors on a busy 2-core machine: intra-op threads only add synchronisation
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _is_pos_zero(t: torch.Tensor) -> bool:
