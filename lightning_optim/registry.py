@@ -12,7 +12,8 @@ handles matrices, and the facts the callbacks need: the first-moment key, whethe
 the raw EMA of g² (comparable to ``grad ** 2``, so SpikeAwareClipping may clip against it) and whether the
 first moment is Adam's EMA m ← β1·m + (1 − β1)·g with β1 = ``betas[0]`` (so AdaptiveMomentum may pre-mix
 it). For our optimizers the state facts come from the class's :class:`~lightning_optim._base.StateSpec`;
-defaults come from the constructor's signature, so they are never written twice.
+defaults come from the constructor's signature, so they are never written twice. The shared base class
+``StepCountedOptimizer`` is abstract and not registered; every concrete optimizer built on it is.
 """
 
 from __future__ import annotations
