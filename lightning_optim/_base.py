@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, _default_to_fused_or_foreach
 
-from lightning_optim.functional import adam_denoms_capturable, adam_step_, adam_step_foreach_
 from lightning_optim.lowbit import (
     LowBitMoments,
     init_moment,
@@ -30,21 +29,8 @@ from lightning_optim.lowbit import (
     to_low_bit_,
     warn_if_embedding_like,
 )
-from lightning_optim.validation import (  # noqa: F401  (re-exported for code written against _base)
-    check_betas,
-    check_compile,
-    check_int,
-    check_range,
-    check_state_bits,
-)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-# kept for code written against the earlier names
-adam_update_single = adam_step_
-adam_update_foreach = adam_step_foreach_
-capturable_adam_denoms = adam_denoms_capturable
-
 
 @dataclass(frozen=True)
 class StateSpec:

@@ -340,7 +340,8 @@ def safe_norms(tensors: list[Tensor], peaks: list[Tensor] | None = None) -> list
     if peaks is None:
         peaks = peak_abs(tensors)
     n = torch.stack(norms)
-    bound = torch.stack(peaks) * torch.tensor([math.sqrt(t.numel()) for t in tensors], dtype=n.dtype, device=n.device)
+    # host-side factors as a scalar list: no tensor built from Python numbers (an H2D copy) every step
+    bound = torch.stack(torch._foreach_mul(peaks, [math.sqrt(t.numel()) for t in tensors]))
     overflowed = torch.isinf(n) & torch.isfinite(bound)
     return list(torch.where(overflowed, bound, n).unbind())
 
