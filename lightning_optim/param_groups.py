@@ -262,6 +262,13 @@ class ParamGroups:
     Leaving both fields empty keeps Lightning's default, ``model.parameters()`` in one group. Writing
     ``no_weight_decay: [bias, norm, embedding]`` asks for :func:`param_groups`' default, whose selectors
     apply "if present"; ``no_weight_decay: bias`` (a bare string) is one selector, like ``[bias]``.
+
+    Args:
+        no_weight_decay: selectors whose parameters get ``weight_decay: 0``: the named selectors ``bias``,
+            ``norm`` (normalization layers), ``embedding``, ``1d`` (at most one dimension), or a glob over
+            qualified parameter names such as ``"blocks.*.attn.*"``.
+        groups: extra groups, each ``{params: <selector or list of selectors>, <option>: <value>, ...}``
+            (e.g. ``{params: "lm_head.*", lr: 1.0e-4}``); a parameter goes to the first rule that selects it.
     """
 
     no_weight_decay: list[str] | str = field(default_factory=list)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import lightning_optim
-from lightning_optim.cli import LightningOptimCLI
+from lightning_optim.cli import LightningOptimCLI, main
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "examples" / "configs").glob("*.yaml"))
 BORING = [
@@ -42,18 +42,20 @@ def _scalars(log_dir: Path, tag: str) -> list[float]:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_example_config_fits_and_logs_training_loss(config: Path, tmp_path: Path) -> None:
+def test_example_config_fits_and_logs_training_loss(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each config trains a few steps through the CLI's own entry point, in this process (a subprocess per
+    config would pay Lightning's import each time; the console script itself is tested below)."""
     max_steps = "10" if "lr_safety" in config.stem else "4"
-    command = _cli_command() + [
+    monkeypatch.chdir(tmp_path)
+    main([
         "fit", "--config", str(config),
         "--trainer.max_steps", max_steps, "--trainer.max_epochs", "-1", "--trainer.log_every_n_steps", "1",
         "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "null",
         "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false",
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
+    ])
     losses = _scalars(tmp_path / "logs", "train/loss")
     assert len(losses) >= 3 and all(math.isfinite(x) for x in losses), losses
     if "stability" in config.stem:  # the callbacks came from YAML and log under stability/
@@ -126,3 +128,82 @@ def test_qat_config_instantiates_and_trains(tmp_path: Path) -> None:
     for tag in ("quant/layer_error/blocks.0", "quant/layer_error_b/lm_head", "quant/mmr/blocks.1", "quant/kurtosis/lm_head/act"):
         assert len(_scalars(tmp_path / "logs", tag)) == 2, tag
     assert _scalars(tmp_path / "logs", "stability/momentum_resets")[-1] == 1.0
+
+
+# --- start-up, help and errors (issue 16) ----------------------------------------------------------------
+DIGITS_SPAM = next(c for c in CONFIGS if c.stem == "digits_spam")
+
+
+def test_help_is_ours_and_imports_no_lightning() -> None:
+    """``lightning-optim --help`` names the tool, its subcommands, examples and the param_groups options,
+    and imports neither Lightning nor the optional heavy modules (it starts in the time torch takes)."""
+    code = (
+        "import sys, io, contextlib\n"
+        "from lightning_optim.cli import main\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out): main(['--help'])\n"
+        "heavy = [m for m in ('lightning', 'bitsandbytes', 'matplotlib', 'sklearn', 'lightning_optim.examples') if m in sys.modules]\n"
+        "print(repr(heavy)); print(out.getvalue())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    first, help_text = proc.stdout.split("\n", 1)
+    assert first == "[]", f"--help imported {first}"
+    for text in ("lightning-optim", "fit", "optimizers", "compare", "report", "examples/configs", "param_groups",
+                 "no_weight_decay", "groups", "python examples/gpt.py"):
+        assert text in help_text, text
+
+
+def _usage_error(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3, err
+    return err
+
+
+def test_misspelt_optimizer_name_suggests_the_registered_one(capsys: pytest.CaptureFixture) -> None:
+    err = _usage_error([*["fit"], *BORING, "--optimizer", "SPAMM"], capsys)
+    assert "Unknown optimizer 'SPAMM'" in err and "Did you mean 'SPAM'?" in err
+    assert all(info.name in err for info in lightning_optim.optimizers())
+
+
+def test_misspelt_argument_suggests_the_right_one(capsys: pytest.CaptureFixture) -> None:
+    err = _usage_error(["fit", *BORING, "--optimizer", "SPAM", "--optimizer.treshold", "3"], capsys)
+    assert "SPAM has no argument 'treshold'" in err and "Did you mean 'threshold'?" in err
+
+
+def test_bad_hyper_parameter_is_one_message_before_training(capsys: pytest.CaptureFixture) -> None:
+    err = _usage_error(["fit", *BORING, "--optimizer", "SPAM", "--optimizer.lr", "-1"], capsys)
+    assert "Invalid lr: -1.0" in err
+
+
+def test_optimizer_over_another_configs_optimizer_starts_from_its_own_defaults(capsys: pytest.CaptureFixture) -> None:
+    """digits_spam.yaml sets SPAM's lr, reset_interval 200, warmup_steps 20, clip_delay 10: ``--optimizer
+    StableSPAM`` keeps only what the command line sets and names what it dropped."""
+    cli = LightningOptimCLI(
+        args=["--config", str(DIGITS_SPAM), "--optimizer", "StableSPAM", "--optimizer.eta_min", "0.25",
+              "--trainer.logger", "false", "--trainer.callbacks", "[]"],
+        run=False,
+    )
+    optimizer = cli.model.configure_optimizers()
+    optimizer = optimizer[0][0] if isinstance(optimizer, tuple) else optimizer
+    assert isinstance(optimizer, lightning_optim.StableSPAM)
+    defaults = lightning_optim.registry.get("StableSPAM").defaults
+    assert optimizer.defaults["reset_interval"] == defaults["reset_interval"] != 200
+    assert optimizer.defaults["lr"] == defaults["lr"] and optimizer.defaults["eta_min"] == 0.25
+    err = capsys.readouterr().err
+    assert "replaces the config's SPAM" in err
+    assert "reset_interval=200" in err and "clip_delay=10" in err and "eta_min" not in err
+
+
+def test_same_optimizer_on_the_command_line_keeps_the_config_settings() -> None:
+    cli = LightningOptimCLI(
+        args=["--config", str(DIGITS_SPAM), "--optimizer", "SPAM", "--trainer.logger", "false",
+              "--trainer.callbacks", "[]"],
+        run=False,
+    )
+    optimizer = cli.model.configure_optimizers()
+    optimizer = optimizer[0][0] if isinstance(optimizer, tuple) else optimizer
+    assert optimizer.defaults["reset_interval"] == 200
