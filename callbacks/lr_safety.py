@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
-from lightning_optim.validation import check_int, check_range
+from lightning_optim.validation import check_bool, check_int, check_range
 from lightning_optim.callbacks._logging import log_scalars
 from lightning_optim.callbacks._pipeline import ClockListener, StepClock, clock_for
 from lightning_optim.monitors import tags
@@ -96,6 +96,8 @@ class LRSafetyRadius(Callback):
             operation without a forward-mode rule).
         fd_epsilon: finite-difference step in parameter-space distance (default 1e-4, > 0).
         logits_fn: ``(pl_module, batch) -> logits`` for models whose ``forward`` does not return logits.
+        verbose: at the end of fit, print one verdict (rank 0): the last r, how many probes had r >= 1, the
+            final training loss and what to do about the learning rate (default True; see :meth:`verdict`).
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class LRSafetyRadius(Callback):
         method: Method = "auto",
         fd_epsilon: float = 1e-4,
         logits_fn: LogitsFn | None = None,
+        verbose: bool = True,
     ) -> None:
         if mode not in ("monitor", "control"):
             raise ValueError(f"Invalid mode: {mode!r}; allowed values are 'monitor' and 'control'.")
@@ -115,6 +118,7 @@ class LRSafetyRadius(Callback):
         check_int("max_samples", max_samples, 1)
         check_method(method)
         check_fd_epsilon(fd_epsilon)
+        check_bool("verbose", verbose)
         if logits_fn is not None and not callable(logits_fn):
             raise ValueError(f"Invalid logits_fn: {logits_fn!r}; must be callable as logits_fn(pl_module, batch).")
         self.mode = mode
@@ -124,6 +128,7 @@ class LRSafetyRadius(Callback):
         self.method: str = method
         self.fd_epsilon = float(fd_epsilon)
         self.logits_fn = logits_fn
+        self.verbose = bool(verbose)
 
         self._clock: StepClock | None = None  # the optimizer's shared step clock, from fit start on
         self._resumed_completed: int | None = None  # a loaded count, handed to the clock at fit start
@@ -133,6 +138,9 @@ class LRSafetyRadius(Callback):
         self.radius: Tensor | None = None
         self.scale: Tensor | None = None
         self.scaled_steps: Tensor | float = 0.0
+        self.probes = 0  # probes taken (host count)
+        self.risky_probes: Tensor | float = 0.0  # probes with r >= 1 (on the device until the verdict)
+        self.peak_ratio: Tensor | float = 0.0
         self._module: pl.LightningModule | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._names: list[str] = []
@@ -186,6 +194,8 @@ class LRSafetyRadius(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
+        if self.verbose and trainer.is_global_zero:
+            print(self.verdict(trainer.callback_metrics))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_hooks()
@@ -223,6 +233,9 @@ class LRSafetyRadius(Callback):
             update = torch._foreach_sub(new, self._snapshot)
             ratio, radius = self._probe(self._snapshot, update)
             self.ratio, self.radius = ratio, radius
+            self.probes += 1
+            self.risky_probes = self.risky_probes + (ratio >= 1).to(ratio.dtype)
+            self.peak_ratio = torch.maximum(ratio, torch.as_tensor(self.peak_ratio, dtype=ratio.dtype, device=ratio.device))
             if self.mode == "control":
                 scale = controller_scale(ratio, self.target_ratio)
                 # θ_new − (1 − s)·p = θ_old + s·p, and exactly θ_new when s = 1
@@ -234,6 +247,34 @@ class LRSafetyRadius(Callback):
                 self._snapshot = None  # monitor mode frees the copy after the probe
         del update
         self._log_due = step % self.every_n_steps == 0
+
+    def verdict(self, metrics: dict[str, Any] | None = None) -> str:
+        """What the probes found, in one or two sentences (one host sync: call it at the end, not per step).
+
+        The advice follows the ratio's meaning: r is proportional to the learning rate and r < 1 keeps the
+        step inside the radius where the loss follows its local expansion.
+
+        Args:
+            metrics: ``trainer.callback_metrics``, for the final training loss (optional).
+        """
+        loss = next((float(v) for k, v in (metrics or {}).items() if k in ("train/loss", "train_loss", "loss")), None)
+        head = f"LRSafetyRadius ({self.mode}): " + (f"final training loss {loss:.4g}; " if loss is not None else "")
+        if self.ratio is None or not self.probes:
+            return head + f"no probe ran (one every {self.every_n_steps} optimizer steps); train longer to measure r."
+        last, peak, risky = float(self.ratio), float(self.peak_ratio), int(float(self.risky_probes))
+        found = f"last r = {last:.3g}, peak r = {peak:.3g}, {risky} of {self.probes} probes had r >= 1"
+        if self.mode == "control":
+            shrunk = int(float(self.scaled_steps))
+            return head + found + f"; the controller shrank {shrunk} steps to r <= {self.target_ratio:g}."
+        if peak >= 1:
+            advice = (f"Steps left the safety radius: lower the learning rate about {peak:.2g}x, or use "
+                      "LRSafetyRadius(mode='control') to cap each step at r = 1.")
+        elif last < 0.5:
+            advice = (f"Every step stayed well inside the radius: the learning rate has headroom (r reaches 1 "
+                      f"near {1 / max(last, 1e-12):.2g}x the current lr), so a larger lr is worth a try.")
+        else:
+            advice = "Steps stay inside the radius but near its edge: keep this learning rate or lower it slightly."
+        return head + found + ". " + advice
 
     # --- the probe -----------------------------------------------------------------------------------
     def _probe(self, old: list[Tensor], update: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -296,6 +337,9 @@ class LRSafetyRadius(Callback):
             "radius": host(self.radius),
             "scale": host(self.scale),
             "scaled_steps": host(self.scaled_steps),
+            "probes": self.probes,
+            "risky_probes": host(self.risky_probes),
+            "peak_ratio": host(self.peak_ratio),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -309,6 +353,10 @@ class LRSafetyRadius(Callback):
             value = state_dict[key]
             setattr(self, key, None if value is None else torch.tensor(value))
         self.scaled_steps = float(state_dict["scaled_steps"])
+        # absent from checkpoints written before the verdict existed
+        self.probes = int(state_dict.get("probes", 0))
+        self.risky_probes = float(state_dict.get("risky_probes", 0.0))
+        self.peak_ratio = float(state_dict.get("peak_ratio", 0.0))
 
 
 def _check_strategy(trainer: pl.Trainer) -> None:

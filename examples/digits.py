@@ -159,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    from lightning_optim.quiet import quiet_lightning
+
+    quiet_lightning()
     pl.seed_everything(args.seed)
     model = DigitsClassifier(arch=args.arch, lr=args.lr)
     data = DigitsDataModule(batch_size=args.batch_size, seed=args.seed)

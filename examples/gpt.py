@@ -380,7 +380,8 @@ class GPT(pl.LightningModule):
 # Script
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Train the GPT on stdlib text and print the first/last training loss and the validation loss."""
+    """Train the GPT on stdlib text; print the first/last training loss, the validation loss and the
+    learning-rate safety verdict (r = step length / softmax safety radius, with what to do about it)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -397,18 +398,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    from lightning_optim.quiet import quiet_lightning
+
+    quiet_lightning()
     pl.seed_everything(args.seed)
     model = GPT(size=args.size, seq_len=args.seq_len, lr=args.lr)
     data = StdlibTextDataModule(seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
     model.configure_optimizers = lambda: build_optimizer(args.optimizer, model.parameters(), args.lr, args.max_steps)
     history = LossHistory()
+    from lightning_optim.callbacks import LRSafetyRadius  # here: the model and data import without callbacks
+
+    # r = step length / softmax safety radius, probed three times in the run; its verdict is printed at the end
+    radius = LRSafetyRadius(every_n_steps=max(1, args.max_steps // 3), verbose=False)
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         precision=args.precision,
         max_steps=args.max_steps,
         logger=TensorBoardLogger("lightning_logs", name="gpt"),
-        callbacks=[history],
+        callbacks=[history, radius],
         log_every_n_steps=10,
+        enable_model_summary=False,
         # validate once, at the end: counted in steps across epochs, so it works for any epoch length
         val_check_interval=args.max_steps,
         check_val_every_n_epoch=None,
@@ -420,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     val_loss = trainer.callback_metrics.get("val/loss")
     print(f"train/loss first {float(history.losses[0]):.4f} -> last {float(history.losses[-1]):.4f}")
     print(f"val/loss {float(val_loss):.4f}" if val_loss is not None else "val/loss: no validation ran")
+    print(radius.verdict())
     print(f"TensorBoard logs: {trainer.logger.log_dir}  (tensorboard --logdir lightning_logs)")
 
 

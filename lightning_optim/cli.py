@@ -24,6 +24,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from lightning_optim.quiet import quiet_lightning
+
 __all__ = ["LightningOptimCLI", "UsageError", "main"]
 
 #: our own subcommands: name -> (module, one-line help); each module has ``main(argv) -> int | None``
@@ -136,32 +138,6 @@ def condense_parser_error(message: str) -> str:
     # otherwise the first lines carry the key and the reason; the rest lists every union member tried
     lines = [line for line in message.strip().splitlines() if line.strip()]
     return "\n".join(lines[:4])
-
-
-# -- quieter Lightning ---------------------------------------------------------------------------------
-_NOISE_WARNINGS = (
-    r".*configure_optimizers` will be overridden",  # we replace it on purpose: the config's optimizer wins
-    r".*isinstance\(treespec, LeafSpec\)` is deprecated",  # inside Lightning, nothing a user can act on
-    r"No seed found, seed set to",  # LightningCLI seeds every run (seed_everything: true); nothing to act on
-)
-_NOISE_INFO = ("💡 Tip", "GPU available", "TPU available", "HPU available", "You are using a CUDA device")
-
-
-def _quiet_lightning() -> None:
-    """Silence Lightning's advertising tips, its device inventory and two warnings about its own internals;
-    real warnings and the model summary stay."""
-    import logging
-    import warnings
-
-    for pattern in _NOISE_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
-
-    class _DropNoise(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return not str(record.getMessage()).startswith(_NOISE_INFO)
-
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(_DropNoise())
 
 
 # -- the Lightning CLI ---------------------------------------------------------------------------------
@@ -371,7 +347,7 @@ def main(args: Any = None) -> None:
             if code:
                 sys.exit(code)
             return
-    _quiet_lightning()
+    quiet_lightning()
     try:
         _cli_class()(args=args)
     except UsageError as error:

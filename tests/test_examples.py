@@ -210,6 +210,7 @@ def test_gpt_script_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
     gpt.main(["--max-steps", "3", "--seq-len", "32", "--batch-size", "4", "--accelerator", "cpu"])
     out = capsys.readouterr().out
     assert "train/loss first" in out and "val/loss" in out
+    assert "LRSafetyRadius (monitor): " in out and "3 probes had r >= 1" in out  # the verdict ends the run
     assert list((tmp_path / "lightning_logs" / "gpt").rglob("events.out.tfevents.*"))
 
 

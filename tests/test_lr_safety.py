@@ -405,6 +405,7 @@ def test_resume_matches_uninterrupted(mode: str, tmp_path: Path) -> None:
         ({"method": "exact"}, "method"),
         ({"fd_epsilon": 0.0}, "fd_epsilon"),
         ({"logits_fn": 3}, "logits_fn"),
+        ({"verbose": "yes"}, "verbose"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs: dict, name: str) -> None:
@@ -443,3 +444,22 @@ def test_ddp_ranks_apply_the_same_scale(tmp_path: Path) -> None:
     assert rank0["scales"] == rank1["scales"] and min(rank0["scales"]) < 1
     assert rank0["local_spreads"] != rank1["local_spreads"]  # different data, yet one decision
     assert torch.equal(rank0["params"], rank1["params"])
+
+
+# --------------------------------------------------------------------------- the end-of-fit verdict
+@pytest.mark.parametrize(("lr", "expect"), [(1e-3, "headroom"), (1e3, "lower the learning rate")])
+def test_verdict_reports_the_probes_and_advises(lr: float, expect: str, capsys: pytest.CaptureFixture) -> None:
+    """verbose=True prints one verdict at the end of fit: the last/peak r and the count of probes with
+    r >= 1 equal what the probes measured, and the advice follows r (a tiny lr: headroom; a huge one: lower)."""
+    callback = Probed(every_n_steps=2)
+    fit(Regression(lambda p: torch.optim.SGD(p, lr=lr)), [callback], max_steps=6)
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    ratios = [float(r) for r in callback.ratios]
+    assert len(ratios) == 3 and callback.probes == 3
+    assert f"last r = {ratios[-1]:.3g}" in out and f"peak r = {max(ratios):.3g}" in out
+    assert f"{sum(r >= 1 for r in ratios)} of 3 probes had r >= 1" in out
+    assert expect in out
+
+
+def test_verdict_before_any_probe_says_so() -> None:
+    assert "no probe ran" in LRSafetyRadius(every_n_steps=50).verdict({"train/loss": torch.tensor(1.5)})
