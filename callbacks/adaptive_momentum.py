@@ -37,7 +37,10 @@ class AdaptiveMomentum(StabilityCallback):
     fused kernels. Nothing happens for a parameter before its first moment exists. Torch's Adam still
     divides exp_avg by 1 − β0^t, unlike :class:`lightning_optim.AdaptiveMomentumAdamW`.
     SGD(momentum=dampening=μ0) + this callback equals :class:`lightning_optim.AdaptiveMomentumSGD`.
-    Logs ``stability/beta1`` (β_eff). Quantized first moments and other optimizers raise at fit start.
+    Logs ``stability/beta1``, the coefficient the EMA actually applies (β_eff), and ``stability/beta_star``
+    (β* in [0, β_max]). β_eff is above β_max whenever β* is near β_max: at β* = β_max it is
+    (β_max + λ)/(1 + λ), 0.909 for the defaults; that is the memory term λ at work, not a clipping failure.
+    Quantized first moments and other optimizers raise at fit start.
 
     Args:
         memory_weight: λ ≥ 0 (default 0.1).
@@ -128,7 +131,10 @@ class AdaptiveMomentum(StabilityCallback):
 
     def metrics(self, pipeline: OptimizerPipeline) -> dict[str, Tensor | float]:
         beta = self._beta.get(pipeline.index)
-        return {} if beta is None else {tags.BETA1: beta}
+        if beta is None:
+            return {}
+        # β* = β_eff·(1 + λ) − λ: recovered on logging steps only, so the step keeps one tensor per pipeline
+        return {tags.BETA1: beta, tags.BETA_STAR: beta * (1 + self.memory_weight) - self.memory_weight}
 
 
 def _kind(optimizer: torch.optim.Optimizer) -> str:

@@ -18,6 +18,7 @@ __all__ = [
     "SKIPPED_STEPS",
     "CLIPPED_FRACTION",
     "BETA1",
+    "BETA_STAR",
     "LR_SAFETY_RATIO",
     "LR_SAFETY_RADIUS",
     "LR_SCALED_STEPS",
@@ -46,7 +47,8 @@ SPIKES = "stability/spikes"  # cumulative steps flagged as spikes (gradient or l
 MOMENTUM_RESETS = "stability/momentum_resets"  # cumulative moment resets
 SKIPPED_STEPS = "stability/skipped_steps"  # cumulative skipped optimizer steps
 CLIPPED_FRACTION = "stability/clipped_fraction"  # share of gradient entries clipped at the last step
-BETA1 = "stability/beta1"  # effective first-moment coefficient applied
+BETA1 = "stability/beta1"  # effective first-moment coefficient applied, beta_eff = (beta* + lambda)/(1 + lambda)
+BETA_STAR = "stability/beta_star"  # the AM coefficient beta* in [0, beta_max] (beta1 exceeds beta_max by design)
 LR_SAFETY_RATIO = "stability/lr_safety_ratio"  # r = tau / rho_a of the last probe
 LR_SAFETY_RADIUS = "stability/lr_safety_radius"  # rho_a of the last probe (a step length in parameter space)
 LR_SCALE = "stability/lr_scale"  # controller scale s (1 when not acting)

@@ -79,6 +79,10 @@ def test_callback_beta_is_logged_and_stays_in_range(tmp_path: Path) -> None:
     assert [e.value for e in events.Scalars("stability/spikes")][-1] == 1.0
     assert [e.step for e in events.Scalars("stability/beta1")] == list(range(10, 81, 10))
     assert all(0.1 / 1.1 - 1e-6 <= e.value <= 1.0 for e in events.Scalars("stability/beta1"))
+    # beta1 is beta_eff = (beta* + 0.1)/1.1 (it may exceed beta_max 0.9); beta_star is beta* itself, in [0, 0.9]
+    for eff, star in zip(events.Scalars("stability/beta1"), events.Scalars("stability/beta_star")):
+        assert eff.step == star.step and -1e-6 <= star.value <= 0.9 + 1e-6
+        assert abs(eff.value - (star.value + 0.1) / 1.1) < 1e-5
 
 
 def test_two_optimizers_get_their_own_tags(tmp_path: Path) -> None:
