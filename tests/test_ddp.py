@@ -29,9 +29,11 @@ def test_ddp_two_ranks_keep_identical_parameters(tmp_path: Path) -> None:
     _run("ddp_script.py", tmp_path)
     rank0 = torch.load(tmp_path / "rank0.pt")
     rank1 = torch.load(tmp_path / "rank1.pt")
+    initial = torch.load(tmp_path / "initial.pt")
     assert set(rank0) == set(NAMES)
     for name in NAMES:
         assert torch.isfinite(rank0[name]).all(), name
+        assert not torch.equal(rank0[name], initial[name]), f"{name} did not move"
         assert torch.equal(rank0[name], rank1[name]), name
 
 
