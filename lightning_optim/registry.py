@@ -244,3 +244,57 @@ register(
     adam_first_moment=True,
     moments=2,
 )
+
+# -- Lion and LAMB (issue 12) --
+from lightning_optim.lion import Lion  # noqa: E402
+from lightning_optim.lamb import LAMB  # noqa: E402
+
+register(
+    Lion,
+    paper="Chen et al., Symbolic Discovery of Optimization Algorithms, NeurIPS 2023 (arXiv 2302.06675)",
+    family="sign",
+    aliases=(),  # "lion" is the name itself
+    compile=True,
+    state_bits_8=True,
+    needs_closure=False,
+    needs_hvp=False,
+    adam_first_moment=False,  # m is an EMA with beta2 = betas[1]; betas[0] only weights the signed interpolation
+    accepts_inf=(),
+    total_steps_arg=None,
+    weight_decay_matters=True,  # the authors tune lr and weight decay together (3-10x AdamW's decay)
+)
+register(
+    LAMB,
+    paper="You et al., Large Batch Optimization for Deep Learning: Training BERT in 76 minutes, ICLR 2020 (arXiv 1904.00962)",
+    family="adam",
+    aliases=(),  # "lamb" is the name itself
+    compile=True,
+    state_bits_8=True,
+    needs_closure=False,
+    needs_hvp=False,
+    adam_first_moment=True,  # m <- b1*m + (1-b1)*g with b1 = betas[0] (of the clipped g when max_grad_norm is set)
+    accepts_inf=(),
+    total_steps_arg=None,
+    weight_decay_matters=True,
+)
+
+# -- AdaBelief (issue 12) --
+from lightning_optim.adabelief import AdaBelief  # noqa: E402
+
+register(
+    AdaBelief,
+    aliases=("ada_belief",),
+    paper="Zhuang et al., AdaBelief Optimizer: Adapting Stepsizes by the Belief in Observed Gradients, NeurIPS 2020 (arXiv 2010.07468)",
+    family="adam",
+    compile=True,
+    state_bits_8=True,
+    needs_closure=False,
+    needs_hvp=False,
+    # m is Adam's EMA, but AdaptiveMomentum's metric reads exp_avg_sq (AdaBelief keeps s = EMA((g - m)^2) instead)
+    adam_first_moment=False,
+    moments=2,  # exp_avg, exp_avg_var; max_exp_avg_var (a third) only with amsgrad=True
+    accepts_inf=(),
+    total_steps_arg=None,
+    weight_decay_matters=True,
+)
+
