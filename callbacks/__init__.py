@@ -14,10 +14,12 @@
 The spike, reset, momentum and QAT callbacks share one per-optimizer pipeline, so their combined effect
 does not depend on their order in ``Trainer(callbacks=[...])``. All of them keep decisions on the device
 (no host sync per step), take the same decision on every rank, save their state in checkpoints and log
-under ``stability/`` (``quant/``) on logging steps only. Moments are read and reset through :mod:`lightning_optim.state_adapters`.
+under ``stability/`` (``quant/``) on logging steps only. :class:`StabilityDashboard` (added by any of them
+when a TensorBoardLogger is attached) writes TensorBoard's custom-scalars page for their tags. Moments are read and reset through :mod:`lightning_optim.state_adapters`.
 """
 
 from lightning_optim.callbacks.adaptive_momentum import AdaptiveMomentum
+from lightning_optim.callbacks.dashboard import StabilityDashboard
 from lightning_optim.callbacks.lr_safety import LRSafetyRadius
 from lightning_optim.callbacks.momentum_reset import MomentumReset
 from lightning_optim.callbacks.qat import QuantizationAwareTraining
@@ -33,4 +35,5 @@ __all__ = [
     "QuantizationMonitor",
     "SpikeAwareClipping",
     "SpikeGuard",
+    "StabilityDashboard",
 ]

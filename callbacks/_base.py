@@ -76,6 +76,10 @@ class StabilityCallback(Callback):
     # --- Lightning hooks ---------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
+        # the dashboard module imports every callback, so not at the top of this one
+        from lightning_optim.callbacks.dashboard import attach_dashboard
+
+        attach_dashboard(trainer)  # the TensorBoard stability page, written at fit start (one per trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for index, optimizer in enumerate(trainer.optimizers):

@@ -158,6 +158,11 @@ class LRSafetyRadius(Callback):
         return self._clock.completed
 
     # --- Lightning hooks -----------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning_optim.callbacks.dashboard import attach_dashboard  # it imports every callback
+
+        attach_dashboard(trainer)  # the TensorBoard stability page, written at fit start (one per trainer)
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _check_strategy(trainer)
         if len(trainer.optimizers) != 1:

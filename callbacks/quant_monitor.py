@@ -147,6 +147,11 @@ class QuantizationMonitor(Callback):
         """The fixed calibration inputs (None before the first training batch)."""
         return self._stats.calibration
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning_optim.callbacks.dashboard import attach_dashboard  # it imports every callback
+
+        attach_dashboard(trainer)  # the TensorBoard stability page, written at fit start (one per trainer)
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._stats.capture(pl_module, batch)
 

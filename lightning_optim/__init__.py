@@ -10,7 +10,10 @@ pure-torch statistics in ``lightning_optim.monitors``.
 """
 
 from lightning_optim import functional, lowbit, registry, validation
+from lightning_optim.adabelief import AdaBelief
 from lightning_optim.adaptive_momentum import AdaptiveMomentumAdamW, AdaptiveMomentumSGD
+from lightning_optim.lamb import LAMB
+from lightning_optim.lion import Lion
 from lightning_optim.lowbit import dequantize_blockwise, dynamic_map, quantize_blockwise
 from lightning_optim.param_groups import ParamGroups, param_groups
 from lightning_optim.registry import OptimizerInfo, optimizers
@@ -25,6 +28,9 @@ __all__ = [
     "StableSPAM",
     "AdaptiveMomentumSGD",
     "AdaptiveMomentumAdamW",
+    "AdaBelief",
+    "Lion",
+    "LAMB",
     "OptimizerInfo",
     "optimizers",
     "functional",

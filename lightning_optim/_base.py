@@ -31,6 +31,9 @@ from lightning_optim.lowbit import (
 )
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+#: param-group options that say how a step runs and stores its state, not what it computes: a resumed
+#: run keeps its own values (see :meth:`StepCountedOptimizer.load_state_dict`)
+_RUN_OPTIONS = ("state_bits", "foreach", "compile")
 
 @dataclass(frozen=True)
 class StateSpec:
@@ -269,8 +272,9 @@ class StepCountedOptimizer(Optimizer):
         torch casts all state to the parameter dtype, which would round fp32 moments of bf16 parameters to
         bf16, turn uint8 codes of 8-bit moments into floats and move CPU counters to the device; here each
         tensor keeps the dtype it was saved with (counters stay float32 on the CPU), so a resume continues
-        bit for bit. ``state_bits`` is a storage choice of this run: each group keeps its own value (not
-        the checkpoint's), and moments saved in the other layout (8-bit vs full precision) are converted.
+        bit for bit. ``state_bits``, ``foreach`` and ``compile`` are choices of this run: each group keeps
+        its own values (not the checkpoint's; resuming an eager run with ``compile=True`` compiles), and
+        moments saved in the other layout (8-bit vs full precision) are converted.
 
         Every loaded param group is validated like a constructor argument (a checkpoint edited to
         ``lr=-5`` raises ``ValueError``, and the optimizer is left as it was). A state dict saved by
@@ -283,12 +287,12 @@ class StepCountedOptimizer(Optimizer):
         state_dict = self._adopt_foreign(state_dict)
         saved = state_dict["state"]
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        state_bits = [g.get("state_bits") for g in self.param_groups]
+        # how this run executes and stores the step is its own choice, not the checkpoint's
+        run_options = [{k: g[k] for k in _RUN_OPTIONS if k in g} for g in self.param_groups]
         backup = ([dict(g) for g in self.param_groups], self.state)
         super().load_state_dict(state_dict)
-        for group, bits in zip(self.param_groups, state_bits):
-            if bits is not None:
-                group["state_bits"] = bits
+        for group, options in zip(self.param_groups, run_options):
+            group.update(options)
         try:
             for i, group in enumerate(self.param_groups):
                 self._validate_group(group)

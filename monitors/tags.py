@@ -23,6 +23,9 @@ __all__ = [
     "LR_SAFETY_RADIUS",
     "LR_SCALED_STEPS",
     "LR_SCALE",
+    "Z_THRESHOLD",
+    "LR_SAFETY_RATIO_LIMIT",
+    "LR_SAFETY_RATIO_TARGET",
     "SOFTMAX_COLLAPSE",
     "NLM_COSINE",
     "PROBE",
@@ -53,6 +56,10 @@ LR_SAFETY_RATIO = "stability/lr_safety_ratio"  # r = tau / rho_a of the last pro
 LR_SAFETY_RADIUS = "stability/lr_safety_radius"  # rho_a of the last probe (a step length in parameter space)
 LR_SCALE = "stability/lr_scale"  # controller scale s (1 when not acting)
 LR_SCALED_STEPS = "stability/lr_scaled_steps"  # cumulative steps the controller shrank (s < 1)
+# constant reference series the dashboard logs (TensorBoard draws no horizontal lines)
+Z_THRESHOLD = "stability/z_threshold"  # SpikeGuard's z_threshold: a spike is z above this line
+LR_SAFETY_RATIO_LIMIT = "stability/lr_safety_ratio_limit"  # r = 1, the edge of the softmax's safe step
+LR_SAFETY_RATIO_TARGET = "stability/lr_safety_ratio_target"  # LRSafetyRadius(mode="control")'s target (if != 1)
 SOFTMAX_COLLAPSE = "stability/softmax_collapse"
 NLM_COSINE = "stability/nlm_cosine"
 PROBE = "stability/probe"  # prefix: stability/probe/<statistic>
@@ -90,3 +97,9 @@ def layer_tag(prefix: str, name: str, group_depth: int | None = 2) -> str:
     """``f"{prefix}/{layer_group(name, group_depth)}"``, e.g. ``layer_tag(QUANT_MMR, "blocks.3.attn.qkv")``
     -> ``"quant/mmr/blocks.3"``."""
     return f"{prefix}/{layer_group(name, group_depth)}"
+
+# AdaptiveBatchSize (callbacks/adaptive_batch_size.py)
+ACCUMULATE_GRAD_BATCHES = "stability/accumulate_grad_batches"  # current trainer.accumulate_grad_batches
+BATCH_SIZE_MULTIPLIER = "stability/batch_size_multiplier"  # accumulation / accumulation at the start of the run
+NORM_TEST = "stability/norm_test"  # T = Var(g_bar) / (eta^2 ||g_bar||^2) of the last checked window (passes iff <= 1)
+__all__ += ["ACCUMULATE_GRAD_BATCHES", "BATCH_SIZE_MULTIPLIER", "NORM_TEST"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import flat, make_mlp, restore_from_checkpoint, train
+import lightning_optim
 from lightning_optim import SPAM, AdaptiveMomentumAdamW, AdaptiveMomentumSGD, StableSPAM
 
 # Small intervals so that resets, warm-ups, clipping and the Stable-SPAM schedule all happen within a test.
@@ -218,3 +219,21 @@ def test_compile_with_eight_bit_state_raises_value_error_naming_both(cls: type) 
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(ValueError, match="state_bits=8"):  # per-group override too
         cls([{"params": [a]}, {"params": [b], "state_bits": 8}], compile=True)
+
+
+@pytest.mark.parametrize("info", lightning_optim.optimizers(ours=True), ids=lambda e: e.name)
+def test_resume_keeps_this_runs_execution_options(info) -> None:
+    """foreach / compile / state_bits say how this run steps, not what it computes: loading a checkpoint
+    saved with other values keeps the current ones (resuming an eager run with compile=True compiles)."""
+    param = torch.nn.Parameter(torch.randn(3, 2))
+    overrides = {info.total_steps_arg: 10} if info.total_steps_arg else {}
+    saved = info.build([param], foreach=False, **overrides)
+    (param * torch.randn(3, 2)).square().sum().backward(create_graph=info.needs_hvp)
+    saved.step()
+    run = {"foreach": True}
+    if info.compile:
+        run["compile"] = True
+    resumed = info.build([param], **run, **overrides)
+    resumed.load_state_dict(saved.state_dict())
+    assert {k: resumed.param_groups[0][k] for k in run} == run
+    assert resumed.param_groups[0]["global_step"] == 1
