@@ -117,7 +117,7 @@ class QuantizationMonitor(Callback):
 
     (A/B/C relative to ||h||: error arriving from earlier layers, the layer's own, their interaction), and
     the outlier statistics MMR = max|W| / mean|W| and Pearson kurtosis E[(W - mu)^4] / E[(W - mu)^2]^2 of each
-    weight and (suffix ``/act``) of each layer's input activation. Tags (shared/specs/monitors.md):
+    weight and (suffix ``/act``) of each layer's input activation. Tags (docs/monitors.md):
     ``quant/layer_error/<layer>``, ``quant/layer_error_a|_b|_c/<layer>``, ``quant/mmr/<layer>[/act]``,
     ``quant/kurtosis/<layer>[/act]``, ``<layer>`` the module name truncated to ``group_depth`` parts, the value
     the maximum over the group. Cost per logging step: about 4 forwards of ``max_rows`` rows and one host

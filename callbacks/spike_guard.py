@@ -38,7 +38,7 @@ class _GuardState:
 class SpikeGuard(StabilityCallback):
     """Spike detection with an action on the spiking step itself, for any optimizer, without host syncs.
 
-    Statistics (``lightning_optim.monitors.ZScore``, shared/specs/monitors.md): the global gradient norm
+    Statistics (``lightning_optim.monitors.ZScore``, docs/monitors.md): the global gradient norm
     ‖g‖ (after AMP unscaling, before any clipping) and the training loss averaged over the accumulation
     window and over data-parallel ranks. With ``statistic="ema"`` (ZClip-style): after ``warmup_steps``
     values, z = (x − μ)/σ with an exponentially weighted μ, σ² (factor ``alpha``), spike iff

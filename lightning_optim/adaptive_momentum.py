@@ -1,4 +1,4 @@
-"""Adaptive Memory Momentum: AM-SGD and AM-AdamW (shared/specs/adaptive_momentum.md)."""
+"""Adaptive Memory Momentum: AM-SGD and AM-AdamW (docs/algorithms.md#adaptive-memory-momentum)."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ class AdaptiveMomentumSGD(_AdaptiveMomentumBase):
     r"""SGD with Adaptive Memory Momentum (AM-SGD).
 
     Topollai & Choromanska, "Adaptive Memory Momentum via a Model-Based Framework for Deep Learning
-    Optimization" (arXiv 2510.04988); the closed form is our definition (shared/specs/adaptive_momentum.md).
+    Optimization" (arXiv 2510.04988); the closed form is our definition (docs/algorithms.md#adaptive-memory-momentum).
     With g the gradient and d the momentum (memory), summed over all parameters of the optimizer:
 
     .. math::
@@ -244,7 +244,7 @@ class AdaptiveMomentumSGD(_AdaptiveMomentumBase):
 class AdaptiveMomentumAdamW(_AdaptiveMomentumBase):
     r"""AdamW with Adaptive Memory Momentum (AM-AdamW): the AM rule in Adam's diagonal metric.
 
-    Topollai & Choromanska (arXiv 2510.04988); closed form as defined in shared/specs/adaptive_momentum.md.
+    Topollai & Choromanska (arXiv 2510.04988); closed form as defined in docs/algorithms.md#adaptive-memory-momentum.
     Per step, with v the second moment of this step and D = √v̂ + ε the Adam denominator (P = 1/D):
 
     .. math::

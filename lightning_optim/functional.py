@@ -380,7 +380,7 @@ def inverse_sqrt(tensors: list[Tensor]) -> list[Tensor]:
 def adaptive_beta(sq_grad: Tensor, sq_diff: Tensor, memory_weight: float, beta_max: float) -> Tensor:
     """β* = clip((1 + λ)·A/B − λ, 0, β_max) with A = ⟨g, g⟩_P and B = ⟨d − g, d − g⟩_P; β* = 0 when B = 0.
 
-    The minimiser over [0, β_max] of the proximal model of shared/specs/adaptive_momentum.md. Sync-free.
+    The minimiser over [0, β_max] of the proximal model of docs/algorithms.md#adaptive-memory-momentum. Sync-free.
 
     Args:
         sq_grad: A (0-dim tensor).

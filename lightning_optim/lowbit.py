@@ -1,4 +1,4 @@
-"""Block-wise dynamic 8-bit storage of optimizer moments (shared/specs/low_bit_and_qat.md, part A).
+"""Block-wise dynamic 8-bit storage of optimizer moments (docs/low_bit_and_qat.md, part A).
 
 Quantizer. A tensor x is stored as ``codes`` (uint8, the shape of x) and ``absmax`` (fp32, one per block
 of 256 elements): x̂ = map[code]·absmax of the code's block. The maps are the "dynamic tree" maps of

@@ -1,4 +1,4 @@
-"""SPAM: Spike-Aware Adam with Momentum Reset (shared/specs/spam.md)."""
+"""SPAM: Spike-Aware Adam with Momentum Reset (docs/algorithms.md#spam)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class SPAM(StepCountedOptimizer):
         lives on the parameter's device, as in torch's capturable Adam. The first steps pay the
         compile time. ``compile=True`` with ``state_bits=8`` raises ``ValueError``.
 
-    Deviations from the authors' code (see shared/specs/spam.md): ε is added to √v̂ (torch's form, so
+    Deviations from the authors' code (see docs/algorithms.md#spam): ε is added to √v̂ (torch's form, so
     SPAM reduces exactly to AdamW + callbacks), the reset interval is an argument, clipping is disabled
     with ``threshold=inf`` instead of 0, weight decay comes before the update and is warmed up with it,
     T lives in ``param_groups[*]["global_step"]`` so resumes are exact, no sparse momentum, no host syncs.

@@ -1,4 +1,4 @@
-"""Stable-SPAM: adaptive spike clipping, gradient-norm scaling and momentum reset (shared/specs/stable_spam.md)."""
+"""Stable-SPAM: adaptive spike clipping, gradient-norm scaling and momentum reset (docs/algorithms.md#stable-spam)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ class StableSPAM(StepCountedOptimizer):
     The authors recommend lr 4e-4, γ1 0.7, γ2 0.9, γ3 0.999, reset 500 for 4-bit training and lr 8e-4,
     γ1 0.85, γ2 0.99999, reset 1000 for BF16, with total_steps = the number of training steps.
 
-    Deviations from the authors' code (shared/specs/stable_spam.md): a reset step updates and uses the
+    Deviations from the authors' code (docs/algorithms.md#stable-spam): a reset step updates and uses the
     fresh zero moments; the statistics are bias-corrected with u, which a reset never touches; the
     cosine schedule holds at eta_min after total_steps instead of cycling; T is saved in
     ``param_groups[*]["global_step"]``; arguments renamed (update_proj_gap → reset_interval, total_T →

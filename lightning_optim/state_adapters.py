@@ -30,7 +30,7 @@ moments exactly +0 (NaN and Inf included: values are overwritten, never multipli
 touches ``step`` or other bias-correction bookkeeping. With a ``mask`` (0-dim bool tensor on the
 state's device) the reset is decided on the device: no host sync, no Python branch on the mask.
 Quantized moments: our 8-bit layout (``<key>_codes`` uint8 + ``<key>_absmax`` fp32, 256-blocks,
-shared/specs/low_bit_and_qat.md) and bitsandbytes' (``state1``/``state2`` uint8 + ``qmap*`` +
+docs/low_bit_and_qat.md) and bitsandbytes' (``state1``/``state2`` uint8 + ``qmap*`` +
 ``absmax*``, also nested under ``"__bnb_optimizer_quant_state__"`` as in bitsandbytes' ``state_dict``) and
 torchao's tensor subclasses (OptimState8bit, OptimState4bit, OptimStateFp8: ``codes`` + ``scale``).
 Deliberately unregistered: Adagrad (torch and bitsandbytes; zeroing ``sum`` would restart its

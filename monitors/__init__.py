@@ -6,7 +6,7 @@ and its alignment :func:`nlm_cosine`, StableMax and its cross-entropy, the oppos
 :func:`loss_delta_stats`) and, in :mod:`~lightning_optim.monitors.tags`, the TensorBoard tag convention:
 every scalar is logged under ``stability/...`` (e.g. ``stability/grad_norm_z``) or ``quant/...``
 (e.g. ``quant/mmr/blocks.3``), with ``/opt<i>`` appended for optimizer ``i >= 1``. Values stay on the
-device; callbacks copy them to the host once per logging step (shared/specs/monitors.md).
+device; callbacks copy them to the host once per logging step (docs/monitors.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Global gradient L2 norm without host syncs (shared/specs/monitors.md, section 1)."""
+"""Global gradient L2 norm without host syncs (docs/monitors.md, section 1)."""
 
 from __future__ import annotations
 

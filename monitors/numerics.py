@@ -1,4 +1,4 @@
-"""Numerical-stability statistics and transforms (shared/specs/monitors.md, sections 2-5).
+"""Numerical-stability statistics and transforms (docs/monitors.md, section 2).
 
 Softmax collapse, the ⊥Grad transform and its alignment statistic, StableMax (Prieto et al., "Grokking at
 the Edge of Numerical Stability", ICLR 2025, arXiv 2501.04697) and the opposing-signals probe statistics

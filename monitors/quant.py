@@ -1,4 +1,4 @@
-"""Fake quantization and quantization-sensitivity statistics (shared/specs/low_bit_and_qat.md, C and D).
+"""Fake quantization and quantization-sensitivity statistics (docs/low_bit_and_qat.md, C and D).
 
 Pure torch. :func:`quantize_groups` / :func:`dequantize_groups` implement the symmetric round-to-nearest
 weight formats of the QAT callback (int8, int4, fp8 e4m3, one scale per group of ``group_size`` entries

@@ -1,7 +1,7 @@
 """Learning-rate safety radius of cross-entropy along an update (Ghosts of Softmax), pure torch.
 
 Sao, "Ghosts of Softmax: Complex Singularities That Limit Safe Step Sizes in Cross-Entropy",
-arXiv 2603.13552 (shared/specs/lr_safety_radius.md). Along an update p of length τ = ‖p‖ the logits of a
+arXiv 2603.13552 (docs/lr_safety_radius.md). Along an update p of length τ = ‖p‖ the logits of a
 sample x move, to first order, by a(x) = J_z(x)·p. The Taylor series of the cross-entropy in the step size
 converges only inside the distance to the nearest complex zero of the softmax partition function; under
 logit linearisation that distance is at least

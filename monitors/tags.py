@@ -1,4 +1,4 @@
-"""TensorBoard tag names and naming rules (shared/specs/monitors.md, "TensorBoard tag convention").
+"""TensorBoard tag names and naming rules (docs/monitors.md, "TensorBoard tags").
 
 Every scalar the project logs lives under ``stability/`` or ``quant/``. With several optimizers the first
 uses the bare tag and optimizer ``i >= 1`` appends ``/opt<i>`` (:func:`tag_for`); per-layer tags use the

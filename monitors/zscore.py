@@ -1,4 +1,4 @@
-"""Sync-free z-score spike statistic for the gradient norm and the loss (shared/specs/monitors.md, section 1)."""
+"""Sync-free z-score spike statistic for the gradient norm and the loss (docs/monitors.md, section 1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Adaptive Memory Momentum checks from shared/specs/adaptive_momentum.md (1-5, 7 and the resume test)."""
+"""Adaptive Memory Momentum checks (docs/algorithms.md#adaptive-memory-momentum): closed forms, the
+proximal-model brute force, λ = 0 as EMA momentum, bounds, a hand-computed AM-AdamW run, one β across
+param groups and the resume test."""
 
 from __future__ import annotations
 

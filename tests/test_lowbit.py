@@ -1,4 +1,4 @@
-"""Block-wise dynamic 8-bit optimizer state (shared/specs/low_bit_and_qat.md, part A; checks 1, 2, 4, 5)."""
+"""Block-wise dynamic 8-bit optimizer state (docs/low_bit_and_qat.md, part A; "Checks" 1, 2, 4, 5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LRSafetyRadius callback: monitor and control modes (shared/specs/lr_safety_radius.md, checks 6, 7, 9, 10)."""
+"""LRSafetyRadius callback: monitor and control modes (docs/lr_safety_radius.md, "Checks" 6, 7, 9, 10)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Numeric checks for lightning_optim.monitors (shared/specs/monitors.md, "Numeric checks" 1-7 and 9)."""
+"""Numeric checks for lightning_optim.monitors (docs/monitors.md, "Checks" 1-7 and 9)."""
 
 from __future__ import annotations
 

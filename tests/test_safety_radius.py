@@ -1,4 +1,4 @@
-"""Numeric checks of the softmax safety radius (shared/specs/lr_safety_radius.md, checks 1-5 and 8)."""
+"""Numeric checks of the softmax safety radius (docs/lr_safety_radius.md, "Checks" 1-5 and 8)."""
 
 from __future__ import annotations
 

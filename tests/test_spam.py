@@ -1,4 +1,5 @@
-"""SPAM numeric checks from shared/specs/spam.md (checks 1-5 and the resume test; 6 needs the callbacks)."""
+"""SPAM numeric checks (docs/algorithms.md#spam): clip, warm-up factor, scalar run, reset, Adam equivalence
+and the resume test; SPAM = AdamW + callbacks is in test_spam_composition.py."""
 
 from __future__ import annotations
 

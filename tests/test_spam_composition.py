@@ -1,4 +1,4 @@
-"""SPAM = AdamW + SpikeAwareClipping + MomentumReset (shared/specs/spam.md, numeric check 6)."""
+"""SPAM = AdamW + SpikeAwareClipping + MomentumReset step for step (docs/algorithms.md#spam)."""
 
 from __future__ import annotations
 

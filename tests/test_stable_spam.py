@@ -1,4 +1,4 @@
-"""Stable-SPAM numeric checks from shared/specs/stable_spam.md (float64, tolerance 1e-8)."""
+"""Stable-SPAM numeric checks (docs/algorithms.md#stable-spam; float64, tolerance 1e-8)."""
 
 from __future__ import annotations
 
