@@ -329,8 +329,8 @@ def safe_norms(tensors: list[Tensor], peaks: list[Tensor] | None = None) -> list
 
     The fp32 norm of a tensor overflows to inf once an entry exceeds √(fp32 max) ≈ 1.8e19, although the
     norm itself is representable. Where that happens (inf from a tensor whose peak |x| is finite), the
-    norm is replaced by the bound peak·√numel (within a factor √numel of the truth, and exact for a tensor
-    with a single non-zero entry). Cheap: the check runs on the stacked 0-dim norms, sync-free.
+    norm is replaced by the upper bound peak·√numel (at most √numel times the true norm, which lies in
+    [peak, peak·√numel]). Cheap: the check runs on the stacked 0-dim norms, sync-free.
 
     Args:
         tensors: same-device tensors.
