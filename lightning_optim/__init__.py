@@ -11,6 +11,7 @@ pure-torch statistics in ``lightning_optim.monitors``.
 
 from lightning_optim import functional, lowbit, registry, validation
 from lightning_optim.adabelief import AdaBelief
+from lightning_optim.adamp import SGDP, AdamP
 from lightning_optim.adaptive_momentum import AdaptiveMomentumAdamW, AdaptiveMomentumSGD
 from lightning_optim.lamb import LAMB
 from lightning_optim.lion import Lion
@@ -31,6 +32,8 @@ __all__ = [
     "AdaBelief",
     "Lion",
     "LAMB",
+    "AdamP",
+    "SGDP",
     "OptimizerInfo",
     "optimizers",
     "functional",

@@ -298,3 +298,33 @@ register(
     weight_decay_matters=True,
 )
 
+# -- AdamP and SGDP (issue 12) --
+from lightning_optim.adamp import SGDP, AdamP  # noqa: E402
+
+register(
+    AdamP,
+    paper="Heo et al., AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant Weights, ICLR 2021 (arXiv 2006.08217)",
+    family="adam",
+    compile=True,
+    state_bits_8=True,
+    needs_closure=False,
+    needs_hvp=False,
+    adam_first_moment=True,  # m <- b1*m + (1-b1)*g with b1 = betas[0]; the projection acts on m/D, not on m
+    accepts_inf=(),
+    total_steps_arg=None,
+    weight_decay_matters=True,
+)
+register(
+    SGDP,
+    paper="Heo et al., AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant Weights, ICLR 2021 (arXiv 2006.08217)",
+    family="sgd",
+    compile=True,
+    state_bits_8=True,
+    needs_closure=False,
+    needs_hvp=False,
+    adam_first_moment=False,
+    accepts_inf=(),
+    total_steps_arg=None,
+    weight_decay_matters=True,
+)
+
