@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import lightning_optim
 from conftest import make_mlp
 from test_optimizers_common import FACTORIES
 
@@ -40,19 +41,33 @@ class HostReadRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("name", FACTORIES)
+# the small-interval settings of test_optimizers_common where it has them (resets and warm-ups within the
+# 25 steps), the registry defaults otherwise
+_BY_CLASS = {type(FACTORIES[name]([torch.nn.Parameter(torch.zeros(1))])): FACTORIES[name] for name in FACTORIES}
+
+
+def _build(info, params, foreach: bool):
+    if info.cls in _BY_CLASS:
+        return _BY_CLASS[info.cls](params, foreach=foreach)
+    overrides = {info.total_steps_arg: 25} if info.total_steps_arg else {}
+    return info.build(params, foreach=foreach, **overrides)
+
+
+@pytest.mark.parametrize("info", lightning_optim.optimizers(ours=True), ids=lambda e: e.name)
 @pytest.mark.parametrize("foreach", [False, True])
-def test_step_reads_only_cpu_counters_on_the_host(name: str, foreach: bool) -> None:
+def test_step_reads_only_cpu_counters_on_the_host(info, foreach: bool) -> None:
     model = make_mlp(torch.float32)
-    opt = FACTORIES[name](model.parameters(), foreach=foreach)
+    opt = _build(info, model.parameters(), foreach)
+    counter_keys = set(info.cls.state_spec.counters)
     x, y = torch.randn(8, 6), torch.randn(8, 3)
     for step in range(25):  # crosses resets, warm-ups and clipping
         opt.zero_grad()
-        (torch.nn.functional.mse_loss(model(x), y) * (1e4 if step == 12 else 1.0)).backward()
+        loss = torch.nn.functional.mse_loss(model(x), y) * (1e4 if step == 12 else 1.0)
+        loss.backward(create_graph=info.needs_hvp)
         recorder = HostReadRecorder()
         with recorder:
             opt.step()
-        counters = {id(v) for s in opt.state.values() for k, v in s.items() if k in ("step", "stat_step")}
+        counters = {id(v) for s in opt.state.values() for k, v in s.items() if k in counter_keys}
         offending = [(fn, tuple(t.shape)) for fn, t in recorder.reads if id(t) not in counters]
         assert not offending, f"host reads of non-counter tensors in step(): {offending}"
 
