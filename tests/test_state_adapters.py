@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_optim
+import lightning_optim
 from lightning_optim import SPAM, AdaptiveMomentumAdamW, AdaptiveMomentumSGD, StableSPAM
 from lightning_optim.lowbit import device_map
 from lightning_optim.state_adapters import (
@@ -244,34 +245,33 @@ def test_masked_reset_is_sync_free():
 
 
 # -- our optimizers ----------------------------------------------------------------------------------------
-OURS = [
-    (SPAM, {"lr": 1e-2}, "exp_avg", "exp_avg_sq"),
-    (StableSPAM, {"lr": 1e-2}, "exp_avg", "exp_avg_sq"),
-    (AdaptiveMomentumAdamW, {"lr": 1e-2}, "exp_avg", "exp_avg_sq"),
-    (AdaptiveMomentumSGD, {"lr": 1e-2}, "momentum_buffer", None),
-]
+OURS = [e for e in lightning_optim.optimizers(ours=True) if not e.needs_hvp]  # HVP ones: tests/test_adahessian.py
 
 
-@pytest.mark.parametrize("case", OURS, ids=[c[0].__name__ for c in OURS])
-def test_our_optimizers(case):
-    cls, kwargs, first_key, second_key = case
+@pytest.mark.parametrize("info", OURS, ids=lambda e: e.name)
+def test_our_optimizers(info):
+    """Every registered optimizer of ours: the adapter reads the StateSpec's first and second moment, a
+    masked-off reset changes nothing, a reset zeroes every moment (+0.0) and keeps counters and scalars."""
+    spec = info.cls.state_spec
+    first_key, second_key = spec.first_moment, spec.second_moment
     model = _model()
-    opt = cls(model.parameters(), **kwargs)
+    opt = info.build(model.parameters(), **({info.total_steps_arg: 10} if info.total_steps_arg else {}))
     _train(model, opt)
     adapter = state_adapter(opt)
     assert state_adapter(opt) is adapter
     for _, _, state in iter_states(opt):
-        assert adapter.first_moment(state) is state[first_key]
-        assert adapter.second_moment(state) is (state[second_key] if second_key else None)
-        kept = {k: v.clone() for k, v in state.items() if k not in (first_key, second_key)}
+        # an optimizer with two rules (Muon's matrix and AdamW parts) keeps only its rule's moments
+        assert adapter.first_moment(state) is (state.get(first_key) if first_key else None)
+        assert adapter.second_moment(state) is (state.get(second_key) if second_key else None)
+        kept = {k: v.clone() for k, v in state.items() if k not in spec.moments and isinstance(v, torch.Tensor)}
         before = _snapshot(opt)
         adapter.reset_(state, mask=torch.tensor(False))
         _assert_bit_identical(before, _snapshot(opt))
         adapter.reset_(state)
-        assert _is_pos_zero(state[first_key])
-        if second_key:
-            assert _is_pos_zero(state[second_key])
-        for k, v in kept.items():  # step, and StableSPAM's stat_step / m_max / m_norm / v_norm
+        for key in spec.moments:
+            if key in state:
+                assert _is_pos_zero(state[key]), key
+        for k, v in kept.items():  # step counters and per-tensor statistics (StableSPAM's m_max, ...)
             assert torch.equal(state[k], v), k
     _train(model, opt, 2, seed=1)
     assert all(torch.isfinite(p).all() for p in model.parameters())
