@@ -16,6 +16,8 @@ from lightning_optim.adaptive_momentum import AdaptiveMomentumAdamW, AdaptiveMom
 from lightning_optim.lamb import LAMB
 from lightning_optim.lion import Lion
 from lightning_optim.lowbit import dequantize_blockwise, dynamic_map, quantize_blockwise
+from lightning_optim.matrix import matrix_param_groups, split_params
+from lightning_optim.muon import Muon
 from lightning_optim.param_groups import ParamGroups, param_groups
 from lightning_optim.registry import OptimizerInfo, optimizers
 from lightning_optim.spam import SPAM
@@ -34,6 +36,9 @@ __all__ = [
     "LAMB",
     "AdamP",
     "SGDP",
+    "Muon",
+    "split_params",
+    "matrix_param_groups",
     "OptimizerInfo",
     "optimizers",
     "functional",

@@ -328,3 +328,22 @@ register(
     weight_decay_matters=True,
 )
 
+# -- Muon (issue 13) --
+from lightning_optim.muon import Muon  # noqa: E402
+
+register(
+    Muon,
+    paper="Jordan et al., Muon: An optimizer for hidden layers in neural networks (2024, kellerjordan.github.io/posts/muon)",
+    family="matrix",
+    aliases=(),  # "muon" is the name itself
+    compile=False,  # eager only: the Newton-Schulz matmuls dominate; no compiled step is offered
+    state_bits_8=False,
+    needs_closure=False,
+    needs_hvp=False,
+    matrix_only=False,  # 0-/1-D tensors (and use_muon=False groups) take the built-in AdamW rule
+    adam_first_moment=False,  # momentum_buffer is an EMA with mu = momentum (no betas) for the matrices
+    moments=1,  # matrices keep momentum_buffer (4 B/param); AdamW-rule tensors keep exp_avg + exp_avg_sq
+    accepts_inf=(),
+    total_steps_arg=None,
+    weight_decay_matters=True,
+)
