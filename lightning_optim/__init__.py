@@ -13,6 +13,8 @@ from lightning_optim import functional, lowbit, registry, validation
 from lightning_optim.adabelief import AdaBelief
 from lightning_optim.adamp import SGDP, AdamP
 from lightning_optim.adaptive_momentum import AdaptiveMomentumAdamW, AdaptiveMomentumSGD
+from lightning_optim.dual_adam import DualAdam
+from lightning_optim.exadam import EXAdam
 from lightning_optim.lamb import LAMB
 from lightning_optim.lion import Lion
 from lightning_optim.lowbit import dequantize_blockwise, dynamic_map, quantize_blockwise
@@ -36,6 +38,8 @@ __all__ = [
     "LAMB",
     "AdamP",
     "SGDP",
+    "EXAdam",
+    "DualAdam",
     "Muon",
     "split_params",
     "matrix_param_groups",

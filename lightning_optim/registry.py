@@ -347,3 +347,36 @@ register(
     total_steps_arg=None,
     weight_decay_matters=True,
 )
+
+# -- EXAdam and DualAdam (issue 12) --
+from lightning_optim.dual_adam import DualAdam  # noqa: E402
+from lightning_optim.exadam import EXAdam  # noqa: E402
+
+register(
+    EXAdam,
+    paper="Adly, EXAdam: The Power of Adaptive Cross-Moments (arXiv 2412.20302)",
+    family="adam",
+    aliases=(),  # the snake name "exadam" is the lower-case name itself
+    compile=True,
+    state_bits_8=True,
+    needs_closure=False,
+    needs_hvp=False,
+    adam_first_moment=True,  # m <- b1*m + (1-b1)*g with b1 = betas[0]; v is the raw EMA of g^2
+    accepts_inf=(),
+    total_steps_arg=None,
+    weight_decay_matters=True,
+)
+register(
+    DualAdam,
+    aliases=("dual_adam",),
+    paper="Shi, Chen, Jin and Zhou, Combining Adam and its Inverse Counterpart to Enhance Generalization of Deep Learning Optimizers (arXiv 2603.07122)",
+    family="adam",
+    compile=True,
+    state_bits_8=True,
+    needs_closure=False,
+    needs_hvp=False,
+    adam_first_moment=True,  # m <- b1*m + (1-b1)*g with b1 = betas[0]; v is the raw EMA of g^2
+    accepts_inf=(),
+    total_steps_arg=None,
+    weight_decay_matters=True,
+)
