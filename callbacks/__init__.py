@@ -8,6 +8,8 @@
 - :class:`QuantizationAwareTraining`: fake-quant QAT of the Linear weights (int8/int4/fp8, STE) from any
   step, with a moment reset and warm-up at its start; :class:`QuantizationMonitor`: per-layer quantization
   error, MMR and kurtosis under ``quant/``.
+- :class:`AdaptiveBatchSize`: AdAdaGrad's norm test on the micro-batch gradients grows the effective batch
+  through ``accumulate_grad_batches``.
 - :class:`LRSafetyRadius`: the softmax safety ratio r = τ/ρ_a of each update (monitor) and a controller
   that shrinks updates with r > target (control), for any optimizer.
 
@@ -18,6 +20,7 @@ under ``stability/`` (``quant/``) on logging steps only. :class:`StabilityDashbo
 when a TensorBoardLogger is attached) writes TensorBoard's custom-scalars page for their tags. Moments are read and reset through :mod:`lightning_optim.state_adapters`.
 """
 
+from lightning_optim.callbacks.adaptive_batch_size import AdaptiveBatchSize
 from lightning_optim.callbacks.adaptive_momentum import AdaptiveMomentum
 from lightning_optim.callbacks.dashboard import StabilityDashboard
 from lightning_optim.callbacks.lr_safety import LRSafetyRadius
@@ -28,6 +31,7 @@ from lightning_optim.callbacks.spike_clipping import SpikeAwareClipping
 from lightning_optim.callbacks.spike_guard import SpikeGuard
 
 __all__ = [
+    "AdaptiveBatchSize",
     "AdaptiveMomentum",
     "LRSafetyRadius",
     "MomentumReset",

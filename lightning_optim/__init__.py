@@ -22,6 +22,7 @@ from lightning_optim.matrix import matrix_param_groups, split_params
 from lightning_optim.muon import Muon
 from lightning_optim.param_groups import ParamGroups, param_groups
 from lightning_optim.registry import OptimizerInfo, optimizers
+from lightning_optim.sgd_sai import SGDSaI
 from lightning_optim.spam import SPAM
 from lightning_optim.stable_spam import StableSPAM
 from lightning_optim.state_adapters import StateAdapter, register_state_adapter, state_adapter
@@ -40,6 +41,7 @@ __all__ = [
     "SGDP",
     "EXAdam",
     "DualAdam",
+    "SGDSaI",
     "Muon",
     "split_params",
     "matrix_param_groups",

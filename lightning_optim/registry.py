@@ -380,3 +380,21 @@ register(
     total_steps_arg=None,
     weight_decay_matters=True,
 )
+
+# -- SGD-SaI (issue 12) --
+from lightning_optim.sgd_sai import SGDSaI  # noqa: E402
+
+register(
+    SGDSaI,
+    aliases=("sgd_sai",),
+    paper="Xu, Xiang, Cai and Wen, No More Adam: Learning Rate Scaling at Initialization is All You Need (arXiv 2412.11768)",
+    family="sgd",
+    compile=True,
+    state_bits_8=True,
+    needs_closure=False,
+    needs_hvp=False,
+    adam_first_moment=False,  # m <- mu*m + (1-mu)*g with mu = momentum (no betas), first m = g
+    accepts_inf=(),
+    total_steps_arg=None,
+    weight_decay_matters=True,
+)
