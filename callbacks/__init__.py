@@ -8,6 +8,10 @@
 - :class:`QuantizationAwareTraining`: fake-quant QAT of the Linear weights (int8/int4/fp8, STE) from any
   step, with a moment reset and warm-up at its start; :class:`QuantizationMonitor`: per-layer quantization
   error, MMR and kurtosis under ``quant/``.
+- Numerical-stability monitors: :class:`SoftmaxCollapseMonitor` (softmax collapse share, optional
+  StableMax/⊥Grad switch), :class:`PerpendicularGrad` (the ⊥Grad transform as a pipeline stage),
+  :class:`OpposingSignals` (groups of samples whose losses move in opposite directions),
+  :class:`TrainingRegime` (chaotic/transition/stable from activation cosines).
 - :class:`AdaptiveBatchSize`: AdAdaGrad's norm test on the micro-batch gradients grows the effective batch
   through ``accumulate_grad_batches``.
 - :class:`LRSafetyRadius`: the softmax safety ratio r = τ/ρ_a of each update (monitor) and a controller
@@ -25,19 +29,27 @@ from lightning_optim.callbacks.adaptive_momentum import AdaptiveMomentum
 from lightning_optim.callbacks.dashboard import StabilityDashboard
 from lightning_optim.callbacks.lr_safety import LRSafetyRadius
 from lightning_optim.callbacks.momentum_reset import MomentumReset
+from lightning_optim.callbacks.opposing_signals import OpposingSignals
+from lightning_optim.callbacks.perpendicular_grad import PerpendicularGrad
 from lightning_optim.callbacks.qat import QuantizationAwareTraining
 from lightning_optim.callbacks.quant_monitor import QuantizationMonitor
+from lightning_optim.callbacks.softmax_collapse import SoftmaxCollapseMonitor
 from lightning_optim.callbacks.spike_clipping import SpikeAwareClipping
 from lightning_optim.callbacks.spike_guard import SpikeGuard
+from lightning_optim.callbacks.training_regime import TrainingRegime
 
 __all__ = [
     "AdaptiveBatchSize",
     "AdaptiveMomentum",
     "LRSafetyRadius",
     "MomentumReset",
+    "OpposingSignals",
+    "PerpendicularGrad",
     "QuantizationAwareTraining",
     "QuantizationMonitor",
+    "SoftmaxCollapseMonitor",
     "SpikeAwareClipping",
     "SpikeGuard",
     "StabilityDashboard",
+    "TrainingRegime",
 ]

@@ -257,6 +257,35 @@ def stability_layout(
         charts["quant: layer error R"] = ["Multiline", [under(tags.QUANT_LAYER_ERROR)]]
         charts["quant: MMR"] = ["Multiline", [under(tags.QUANT_MMR)]]
         charts["quant: kurtosis"] = ["Multiline", [under(tags.QUANT_KURTOSIS)]]
+    # the numerical-stability monitors (imported here, not at the top: they import the dashboard lazily)
+    from lightning_optim.callbacks.opposing_signals import OpposingSignals
+    from lightning_optim.callbacks.perpendicular_grad import PerpendicularGrad
+    from lightning_optim.callbacks.softmax_collapse import SoftmaxCollapseMonitor
+    from lightning_optim.callbacks.training_regime import TrainingRegime
+
+    collapse = of(SoftmaxCollapseMonitor)
+    if collapse:
+        switched = [tags.SOFTMAX_COLLAPSE_SWITCHED] if any(c.on_collapse != "none" for c in collapse) else []
+        collapse_tags = [tags.SOFTMAX_COLLAPSE, *switched]
+        charts["softmax collapse (share of samples)"] = ["Multiline", [exact(t) for t in collapse_tags]]
+    if of(PerpendicularGrad):
+        charts["NLM alignment cos(w, g) before ⊥Grad"] = ["Multiline", [exact(tags.NLM_COSINE)]]
+    if of(OpposingSignals):
+        charts["opposing signals: group size"] = ["Multiline", [exact(tags.OPPOSING_GROUP_SIZE)]]
+        charts["opposing signals: oscillation"] = ["Multiline", [exact(tags.OPPOSING_OSCILLATION)]]
+        charts["opposing signals: opposing mass / flip fraction"] = [
+            "Multiline", [exact(tags.OPPOSING_MASS), exact(tags.OPPOSING_FLIP_FRACTION)]
+        ]
+    if of(TrainingRegime):
+        charts["training regime (0 chaotic, 1 transition, 2 stable)"] = ["Multiline", [exact(tags.REGIME)]]
+        charts["activation cosine between probes"] = ["Multiline", [exact(tags.REGIME_COSINE)]]
+    from lightning_optim.callbacks.adaptive_batch_size import AdaptiveBatchSize
+
+    if of(AdaptiveBatchSize):
+        charts["adaptive batch: accumulation and multiplier"] = [
+            "Multiline", [exact(tags.ACCUMULATE_GRAD_BATCHES), exact(tags.BATCH_SIZE_MULTIPLIER)]
+        ]
+        charts["adaptive batch: norm test T (grows when T > 1)"] = ["Multiline", [exact(tags.NORM_TEST)]]
     return {title: charts}
 
 

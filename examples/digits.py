@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_optim.examples._script import OPTIMIZERS, LossHistory, build_optimizer, optimizer_name
+from lightning_optim.monitors.numerics import stablemax_cross_entropy
 
 __all__ = ["DigitsDataModule", "DigitsClassifier", "main"]
 
@@ -81,7 +82,10 @@ class DigitsClassifier(pl.LightningModule):
     """Digits classifier: ``mlp`` (LayerNorm, GELU) or ``cnn`` (two conv layers with BatchNorm, a max-pool).
 
     Logs ``train/loss``, ``val/loss`` and ``val/acc``. ``lr`` and ``weight_decay`` configure the default
-    AdamW; a LightningCLI ``optimizer:`` section replaces it.
+    AdamW; a LightningCLI ``optimizer:`` section replaces it. ``loss`` is the training loss,
+    ``"cross_entropy"`` or ``"stablemax"`` (StableMax cross-entropy in float64, Prieto et al. 2025), kept in
+    ``self.loss`` (``SoftmaxCollapseMonitor(on_collapse="stablemax")`` may switch it); ``val/loss`` is always
+    the cross-entropy.
     """
 
     def __init__(
@@ -90,9 +94,13 @@ class DigitsClassifier(pl.LightningModule):
         hidden: int = 128,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        loss: Literal["cross_entropy", "stablemax"] = "cross_entropy",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if loss not in ("cross_entropy", "stablemax"):
+            raise ValueError(f"Invalid loss {loss!r}; choose 'cross_entropy' or 'stablemax'.")
+        self.loss = loss
         if arch == "mlp":
             self.net = nn.Sequential(
                 nn.Flatten(),
@@ -126,7 +134,11 @@ class DigitsClassifier(pl.LightningModule):
 
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        loss = F.cross_entropy(self(x), y)
+        logits = self(x)
+        if self.loss == "stablemax":  # in float64, as the authors compute it
+            loss = stablemax_cross_entropy(logits.double(), y).float()
+        else:
+            loss = F.cross_entropy(logits, y)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -156,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--precision", default=None, help="default: Lightning's (32-true)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--loss", choices=("cross_entropy", "stablemax"), default="cross_entropy", help="training loss")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -163,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     quiet_lightning()
     pl.seed_everything(args.seed)
-    model = DigitsClassifier(arch=args.arch, lr=args.lr)
+    model = DigitsClassifier(arch=args.arch, lr=args.lr, loss=args.loss)
     data = DigitsDataModule(batch_size=args.batch_size, seed=args.seed)
     model.configure_optimizers = lambda: build_optimizer(args.optimizer, model.parameters(), args.lr, args.max_steps)
     history = LossHistory()

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from lightning_optim.examples._script import OPTIMIZERS, LossHistory, build_optimizer, optimizer_name
+from lightning_optim.monitors.numerics import stablemax_cross_entropy
 
 __all__ = [
     "ByteWindows",
@@ -294,6 +295,9 @@ class GPT(pl.LightningModule):
         positions: ``"rope"`` (rotary, as in LLaMA) or ``"learned"`` (absolute embedding, as in GPT-2).
         dropout: on the embedding, the residual branches and the attention weights.
         lr, weight_decay: for the default AdamW; a LightningCLI ``optimizer:`` section replaces it.
+        loss: training loss, ``"cross_entropy"`` or ``"stablemax"`` (StableMax cross-entropy in float64, Prieto
+            et al. 2025); kept in ``self.loss``, which ``SoftmaxCollapseMonitor(on_collapse="stablemax")`` may
+            switch during training. ``val/loss`` is always the cross-entropy.
 
     ``forward`` maps int64 tokens ``(B, T)`` to logits ``(B, T, vocab_size)``. Batches are ``(x, y)``.
     """
@@ -310,9 +314,13 @@ class GPT(pl.LightningModule):
         dropout: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        loss: Literal["cross_entropy", "stablemax"] = "cross_entropy",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if loss not in ("cross_entropy", "stablemax"):
+            raise ValueError(f"Invalid loss {loss!r}; choose 'cross_entropy' or 'stablemax'.")
+        self.loss = loss
         if size not in SIZES:
             raise ValueError(f"Invalid size {size!r}; choose one of {sorted(SIZES)}.")
         if positions not in ("rope", "learned"):
@@ -356,14 +364,16 @@ class GPT(pl.LightningModule):
             h = block(h)
         return self.lm_head(self.norm(h))
 
-    def _loss(self, batch: Sequence[Tensor]) -> Tensor:
+    def _loss(self, batch: Sequence[Tensor], loss: str = "cross_entropy") -> Tensor:
         x, y = batch
         logits = self(x)
+        if loss == "stablemax":  # in float64, as the authors compute it
+            return stablemax_cross_entropy(logits.flatten(0, 1).double(), y.flatten()).float()
         # fp32 cross-entropy: bf16 log-softmax over the vocabulary loses precision
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
-        loss = self._loss(batch)
+        loss = self._loss(batch, self.loss)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -395,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--loss", choices=("cross_entropy", "stablemax"), default="cross_entropy", help="training loss")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -402,7 +413,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     quiet_lightning()
     pl.seed_everything(args.seed)
-    model = GPT(size=args.size, seq_len=args.seq_len, lr=args.lr)
+    model = GPT(size=args.size, seq_len=args.seq_len, lr=args.lr, loss=args.loss)
     data = StdlibTextDataModule(seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
     model.configure_optimizers = lambda: build_optimizer(args.optimizer, model.parameters(), args.lr, args.max_steps)
     history = LossHistory()

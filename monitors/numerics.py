@@ -176,3 +176,77 @@ def loss_delta_stats(
         "top_abs": top_abs,
         "top_abs_sign": torch.sign(delta[top_abs]),
     }
+
+
+@torch.no_grad()
+def perpendicular_grads_(params: Iterable[Tensor], apply: bool = True, alignment: bool = False) -> Tensor | None:
+    r"""Multi-tensor, overflow-safe ⊥Grad in place on each ``p.grad``, and optionally the NLM alignment.
+
+    The transform of :func:`perpendicular_grad_` (the authors' ``OrthoGrad``), per tensor:
+    :math:`g_\perp = g - \frac{\langle w, g\rangle}{\langle w, w\rangle} w`, rescaled to :math:`\lVert g\rVert`
+    (0 when :math:`g_\perp = 0` or :math:`w = 0` leaves it as g), computed with ``torch._foreach_*`` ops per
+    (device, dtype) group and without a host read. Every reduction works on :math:`\hat g = g/\max|g|`
+    (entries in [-1, 1]), so a finite gradient whose square overflows (an entry of 1e20 in float32) still
+    gives a finite result of norm :math:`\lVert g\rVert` (clamped to the dtype's largest value); NaN/inf
+    gradients stay non-finite and never raise. Half-precision tensors are computed in float32.
+
+    Args:
+        params: parameters; those without a gradient are skipped.
+        apply: write :math:`g_\perp` into ``p.grad`` (False: only measure, gradients untouched).
+        alignment: also return :func:`nlm_cosine` of the incoming gradients (float32 0-dim tensor on the first
+            gradient's device, 0 when there is none or every w or g is 0), from the same reductions.
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p)
+    sums: list[Tensor] = []  # per group: (Σ⟨w,g⟩, Σ‖w‖², Σ‖g‖²) in float64
+    first_device = None
+    for (device, dtype), group in groups.items():
+        first_device = device if first_device is None else first_device
+        compute = _accum_dtype(dtype)
+        grads = [p.grad for p in group]
+        weights = [p.detach() if p.dtype == compute else p.detach().to(compute) for p in group]
+        in_place = apply and dtype == compute
+        if in_place:
+            work = grads
+        else:
+            work = [g.to(compute) if g.dtype != compute else g.clone() for g in grads]
+        peaks = torch.stack([torch.maximum(hi, -lo) for lo, hi in (torch.aminmax(g) for g in work)])
+        # 0 (a zero gradient) and NaN divide by 1: 0 stays 0 and NaN stays NaN
+        peaks = torch.where(peaks > 0, peaks, torch.ones_like(peaks))
+        torch._foreach_div_(work, list(peaks.unbind()))  # ĝ, |entries| <= 1
+        w_sq = torch.stack(torch._foreach_norm(weights)).square()  # inf for absurd weights: projection off
+        dots = torch.stack([torch.dot(w.reshape(-1), g.reshape(-1)) for w, g in zip(weights, work)])
+        g_norms = torch.stack(torch._foreach_norm(work))  # ‖ĝ‖ in [1, √n] for a finite non-zero g
+        if alignment:
+            peaks64 = peaks.double()
+            sums.append(torch.stack([
+                (dots.double() * peaks64).sum(), w_sq.double().sum(), (g_norms.double() * peaks64).square().sum()
+            ]).to(first_device))
+        if not apply:
+            continue
+        coefficients = torch.where(w_sq > 0, dots / w_sq, torch.zeros_like(dots))
+        torch._foreach_sub_(work, torch._foreach_mul(weights, list(coefficients.unbind())))
+        perp = torch.stack(torch._foreach_norm(work))
+        # normalise first (entries <= 1), then scale to ‖g‖ = max|g|·‖ĝ‖: no intermediate can overflow
+        torch._foreach_div_(work, list(torch.where(perp > 0, perp, torch.ones_like(perp)).unbind()))
+        target = (g_norms * peaks).clamp(max=torch.finfo(compute).max)
+        torch._foreach_mul_(work, list(target.unbind()))
+        if not in_place:
+            if dtype != compute:  # the norm of a half-precision gradient may exceed its own range
+                limit = torch.finfo(dtype).max
+                torch._foreach_clamp_min_(work, -limit)
+                torch._foreach_clamp_max_(work, limit)
+            torch._foreach_copy_(grads, work)
+    if not alignment:
+        return None
+    if not sums:
+        return torch.zeros((), dtype=torch.float32)
+    dot, w_sq_total, g_sq_total = torch.stack(sums).sum(dim=0).unbind()
+    denominator = w_sq_total.sqrt() * g_sq_total.sqrt()
+    cosine = torch.where(denominator > 0, dot / denominator, torch.zeros_like(dot))
+    return cosine.float()
+
+
+__all__ += ["perpendicular_grads_"]

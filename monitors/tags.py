@@ -103,3 +103,19 @@ ACCUMULATE_GRAD_BATCHES = "stability/accumulate_grad_batches"  # current trainer
 BATCH_SIZE_MULTIPLIER = "stability/batch_size_multiplier"  # accumulation / accumulation at the start of the run
 NORM_TEST = "stability/norm_test"  # T = Var(g_bar) / (eta^2 ||g_bar||^2) of the last checked window (passes iff <= 1)
 __all__ += ["ACCUMULATE_GRAD_BATCHES", "BATCH_SIZE_MULTIPLIER", "NORM_TEST"]
+
+# Numerical-stability monitor callbacks (callbacks/softmax_collapse.py, perpendicular_grad.py,
+# opposing_signals.py, training_regime.py). SOFTMAX_COLLAPSE: share of samples whose softmax is exactly
+# one-hot (SoftmaxCollapseMonitor); NLM_COSINE: gradient-weight alignment of the incoming gradient (PerpendicularGrad).
+SOFTMAX_COLLAPSE_SWITCHED = "stability/softmax_collapse_switched"  # 1 from the step SoftmaxCollapseMonitor switched its remedy on
+OPPOSING_SIGNALS = "stability/opposing_signals"  # prefix: stability/opposing_signals/<statistic> (OpposingSignals)
+OPPOSING_GROUP_SIZE = "stability/opposing_signals/group_size"  # size of the smaller of the two opposing groups (0: none)
+OPPOSING_OSCILLATION = "stability/opposing_signals/oscillation"  # mean dloss of the rising group - mean dloss of the falling one
+OPPOSING_MASS = "stability/opposing_signals/opposing_mass"  # min(sum dloss>0, -sum dloss<0) / sum |dloss| over the probe set
+OPPOSING_FLIP_FRACTION = "stability/opposing_signals/flip_fraction"  # share of the last probe's top-k whose dloss changed sign
+REGIME_COSINE = "stability/regime_cosine"  # mean per-sample cosine of probe activations between consecutive probes (TrainingRegime)
+REGIME = "stability/regime"  # 0 chaotic, 1 transition, 2 stable (TrainingRegime)
+__all__ += [
+    "SOFTMAX_COLLAPSE_SWITCHED", "OPPOSING_SIGNALS", "OPPOSING_GROUP_SIZE", "OPPOSING_OSCILLATION", "OPPOSING_MASS",
+    "OPPOSING_FLIP_FRACTION", "REGIME_COSINE", "REGIME",
+]

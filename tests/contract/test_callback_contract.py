@@ -32,7 +32,9 @@ from lightning_optim import state_adapter
 from lightning_optim.callbacks import (
     AdaptiveMomentum,
     MomentumReset,
+    PerpendicularGrad,
     QuantizationAwareTraining,
+    SoftmaxCollapseMonitor,
     SpikeAwareClipping,
     SpikeGuard,
 )
@@ -52,6 +54,11 @@ OTHERS: dict[str, Callable[[], pl.Callback]] = {
     "AdaptiveMomentum": lambda: AdaptiveMomentum(),
     "QuantizationAwareTraining": lambda: QuantizationAwareTraining(
         bits=8, group_size=4, start_step=2, reset_warmup_steps=2, every_n_steps=0
+    ),
+    "PerpendicularGrad": lambda: PerpendicularGrad(),
+    # logits scaled 1e4 so the regression's outputs count as collapsed: ⊥Grad switches on before the fault
+    "SoftmaxCollapseMonitor": lambda: SoftmaxCollapseMonitor(
+        every_n_steps=2, on_collapse="perp_grad", threshold=1e-9, logits_fn=lambda m, b: m(b[0]) * 1e4
     ),
 }
 
