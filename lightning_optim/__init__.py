@@ -15,6 +15,7 @@ from lightning_optim.adamp import SGDP, AdamP
 from lightning_optim.adaptive_momentum import AdaptiveMomentumAdamW, AdaptiveMomentumSGD
 from lightning_optim.dual_adam import DualAdam
 from lightning_optim.exadam import EXAdam
+from lightning_optim.galore import GaLore
 from lightning_optim.lamb import LAMB
 from lightning_optim.lion import Lion
 from lightning_optim.lowbit import dequantize_blockwise, dynamic_map, quantize_blockwise
@@ -42,6 +43,7 @@ __all__ = [
     "EXAdam",
     "DualAdam",
     "SGDSaI",
+    "GaLore",
     "Muon",
     "split_params",
     "matrix_param_groups",

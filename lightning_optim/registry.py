@@ -398,3 +398,25 @@ register(
     total_steps_arg=None,
     weight_decay_matters=True,
 )
+
+# -- GaLore (issue 14) --
+from lightning_optim.galore import GaLore  # noqa: E402
+
+register(
+    GaLore,
+    paper="Zhao et al., GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection, ICML 2024 (arXiv 2403.03507)",
+    family="low-rank",
+    aliases=(),  # "galore" is the name itself
+    compile=False,  # eager only: the per-matrix projections and the SVD refresh dominate
+    state_bits_8=False,
+    needs_closure=False,
+    needs_hvp=False,
+    # exp_avg is Adam's EMA, but of the projected R (r x n or m x r), not in the parameter's shape
+    adam_first_moment=False,
+    # AdamW fallback's 2 parameter-sized moments; a projected m x n matrix keeps 2*r*n + m*r floats (left)
+    # or 2*m*r + n*r (right), r = min(rank, m, n) (GaLore docstring)
+    moments=2,
+    accepts_inf=(),
+    total_steps_arg=None,
+    weight_decay_matters=True,
+)
