@@ -24,6 +24,7 @@ from lightning_optim.muon import Muon
 from lightning_optim.param_groups import ParamGroups, param_groups
 from lightning_optim.registry import OptimizerInfo, optimizers
 from lightning_optim.sgd_sai import SGDSaI
+from lightning_optim.soap import SOAP
 from lightning_optim.spam import SPAM
 from lightning_optim.stable_spam import StableSPAM
 from lightning_optim.state_adapters import StateAdapter, register_state_adapter, state_adapter
@@ -44,6 +45,7 @@ __all__ = [
     "DualAdam",
     "SGDSaI",
     "GaLore",
+    "SOAP",
     "Muon",
     "split_params",
     "matrix_param_groups",

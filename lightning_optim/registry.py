@@ -420,3 +420,23 @@ register(
     total_steps_arg=None,
     weight_decay_matters=True,
 )
+
+# -- SOAP (issue 13) --
+from lightning_optim.soap import SOAP  # noqa: E402
+
+register(
+    SOAP,
+    paper="Vyas et al., SOAP: Improving and Stabilizing Shampoo using Adam, ICLR 2025 (arXiv 2409.11321)",
+    family="matrix",
+    aliases=(),  # "soap" is the name itself
+    foreach=True,  # element-wise stages multi-tensor; projections and refreshes per tensor
+    compile=False,
+    state_bits_8=False,
+    needs_closure=False,
+    needs_hvp=False,
+    matrix_only=False,  # 1-D and 0-dim tensors are plain Adam inside SOAP
+    adam_first_moment=False,  # exp_avg is Adam's EMA of g, but the Adam metric (exp_avg_sq) lives in the eigenbasis
+    accepts_inf=(),
+    total_steps_arg=None,
+    weight_decay_matters=True,
+)
