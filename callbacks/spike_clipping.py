@@ -54,8 +54,8 @@ class SpikeAwareClipping(StabilityCallback):
         if not comparable:
             raise TypeError(
                 f"SpikeAwareClipping needs a second moment comparable to grad ** 2 (the raw EMA of g²), and "
-                f"{type(optimizer).__name__} keeps none "
-                f"({'its second moment is of another quantity or basis' if adapter.has_second_moment else 'it keeps no second moment'}); "
+                f"{type(optimizer).__name__} "
+                f"{'keeps one of another quantity or basis' if adapter.has_second_moment else 'keeps no second moment'}; "
                 "use it with an Adam-type or RMSprop-type optimizer, or use SpikeGuard, which works with any."
             )
 
