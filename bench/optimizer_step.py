@@ -267,6 +267,19 @@ def our_candidates(entries: Iterable[OptimizerInfo]) -> dict[str, dict[str, dict
     return kinds
 
 
+#: pytorch_optimizer twins of our elementwise optimizers: our candidate key -> (its class, arguments that
+#: select the same algorithm: decoupled decay, the same rectify/eps semantics as ours where it has a switch)
+PO_TWINS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ada_belief": ("AdaBelief", {"weight_decouple": True, "fixed_decay": False, "rectify": True, "eps": 1e-16}),
+    "adamp": ("AdamP", {}),
+    "sgdp": ("SGDP", {"momentum": 0.9}),
+    "lion": ("Lion", {"weight_decouple": True}),
+    "lamb": ("Lamb", {}),
+    "exadam": ("EXAdam", {"weight_decouple": True}),
+    "sgd_sai": ("SGDSaI", {}),
+}
+
+
 def build_candidates(entries: Iterable[OptimizerInfo] | None = None) -> dict[str, dict[str, Any]]:
     """Every candidate in run order: torch AdamW baselines, ours (32-bit), pytorch_optimizer, 8-bit (ours,
     then bitsandbytes), then the compiled ones (their compiles take longest, so a time limit cuts them first)."""
@@ -316,6 +329,16 @@ def build_candidates(entries: Iterable[OptimizerInfo] | None = None) -> dict[str
             available=_needs_import("pytorch_optimizer", "StableSPAM"),
         ),
     }
+    # pytorch_optimizer's ports of the other optimizers we implement, with its decoupled weight decay (the
+    # mapping of each is in the optimizer's test file); timm's are not benchmarked: timm pulls a CUDA torch
+    for name, (cls_name, kwargs) in PO_TWINS.items():
+        third_party[f"po_{name}"] = _candidate(
+            f"pytorch_optimizer.{cls_name}",
+            lambda ps, cls_name=cls_name, kwargs=kwargs: _import("pytorch_optimizer", cls_name)(
+                ps, lr=LR, weight_decay=WEIGHT_DECAY, **kwargs
+            ),
+            available=_needs_import("pytorch_optimizer", cls_name),
+        )
     # 8-bit state: every tensor with >= 4096 elements, embeddings included, as bitsandbytes' AdamW8bit
     # does, so the memory rows compare like for like.
     bnb = {
