@@ -12,6 +12,8 @@
   StableMax/⊥Grad switch), :class:`PerpendicularGrad` (the ⊥Grad transform as a pipeline stage),
   :class:`OpposingSignals` (groups of samples whose losses move in opposite directions),
   :class:`TrainingRegime` (chaotic/transition/stable from activation cosines).
+- :class:`HessianEstimator`: the Hessian-vector products (AdaHessian, SophiaH) or the Gauss-Newton-Bartlett
+  estimate (SophiaG) on the steps the optimizer asks for, inside Lightning's automatic optimization.
 - :class:`AdaptiveBatchSize`: AdAdaGrad's norm test on the micro-batch gradients grows the effective batch
   through ``accumulate_grad_batches``.
 - :class:`LRSafetyRadius`: the softmax safety ratio r = τ/ρ_a of each update (monitor) and a controller
@@ -27,6 +29,7 @@ when a TensorBoardLogger is attached) writes TensorBoard's custom-scalars page f
 from lightning_optim.callbacks.adaptive_batch_size import AdaptiveBatchSize
 from lightning_optim.callbacks.adaptive_momentum import AdaptiveMomentum
 from lightning_optim.callbacks.dashboard import StabilityDashboard
+from lightning_optim.callbacks.hessian_estimator import HessianEstimator
 from lightning_optim.callbacks.lr_safety import LRSafetyRadius
 from lightning_optim.callbacks.momentum_reset import MomentumReset
 from lightning_optim.callbacks.opposing_signals import OpposingSignals
@@ -41,6 +44,7 @@ from lightning_optim.callbacks.training_regime import TrainingRegime
 __all__ = [
     "AdaptiveBatchSize",
     "AdaptiveMomentum",
+    "HessianEstimator",
     "LRSafetyRadius",
     "MomentumReset",
     "OpposingSignals",

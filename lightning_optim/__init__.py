@@ -11,6 +11,7 @@ pure-torch statistics in ``lightning_optim.monitors``.
 
 from lightning_optim import functional, lowbit, registry, validation
 from lightning_optim.adabelief import AdaBelief
+from lightning_optim.adahessian import AdaHessian
 from lightning_optim.adamp import SGDP, AdamP
 from lightning_optim.adaptive_momentum import AdaptiveMomentumAdamW, AdaptiveMomentumSGD
 from lightning_optim.dual_adam import DualAdam
@@ -25,6 +26,7 @@ from lightning_optim.param_groups import ParamGroups, param_groups
 from lightning_optim.registry import OptimizerInfo, optimizers
 from lightning_optim.sgd_sai import SGDSaI
 from lightning_optim.soap import SOAP
+from lightning_optim.sophia import SophiaG, SophiaH
 from lightning_optim.spam import SPAM
 from lightning_optim.stable_spam import StableSPAM
 from lightning_optim.state_adapters import StateAdapter, register_state_adapter, state_adapter
@@ -46,6 +48,9 @@ __all__ = [
     "SGDSaI",
     "GaLore",
     "SOAP",
+    "AdaHessian",
+    "SophiaH",
+    "SophiaG",
     "Muon",
     "split_params",
     "matrix_param_groups",

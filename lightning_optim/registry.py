@@ -440,3 +440,50 @@ register(
     total_steps_arg=None,
     weight_decay_matters=True,
 )
+
+# -- AdaHessian, SophiaH, SophiaG (issue 12; in Lightning with lightning_optim.callbacks.HessianEstimator) --
+from lightning_optim.adahessian import AdaHessian  # noqa: E402
+from lightning_optim.sophia import SophiaG, SophiaH  # noqa: E402
+
+register(
+    AdaHessian,
+    aliases=("ada_hessian",),
+    paper="Yao et al., ADAHESSIAN: An Adaptive Second Order Optimizer for Machine Learning, AAAI 2021 (arXiv 2006.00719)",
+    family="second-order",
+    compile=False,  # a step is dominated by the Hessian-vector product; the update stays eager
+    state_bits_8=True,
+    needs_closure=False,
+    needs_hvp=True,  # H z from a create_graph=True backward, or the HessianEstimator callback
+    adam_first_moment=True,  # m <- b1*m + (1-b1)*g with b1 = betas[0]; v is the EMA of D^2, not of g^2
+    accepts_inf=(),
+    total_steps_arg=None,
+    weight_decay_matters=True,
+)
+register(
+    SophiaH,
+    aliases=("sophia_h",),
+    paper="Liu et al., Sophia: A Scalable Stochastic Second-order Optimizer for Language Model Pre-training, ICLR 2024 (arXiv 2305.14342)",
+    family="second-order",
+    compile=True,
+    state_bits_8=True,
+    needs_closure=False,
+    needs_hvp=True,  # every update_every-th step: H z from a create_graph=True backward, or HessianEstimator
+    adam_first_moment=True,  # m <- b1*m + (1-b1)*g with b1 = betas[0]
+    accepts_inf=(),
+    total_steps_arg=None,
+    weight_decay_matters=True,
+)
+register(
+    SophiaG,
+    aliases=("sophia_g", "sophia"),
+    paper="Liu et al., Sophia: A Scalable Stochastic Second-order Optimizer for Language Model Pre-training, ICLR 2024 (arXiv 2305.14342)",
+    family="second-order",
+    compile=True,
+    state_bits_8=True,
+    needs_closure=False,
+    needs_hvp=False,  # its estimate is an extra forward/backward on sampled labels (HessianEstimator), no HVP
+    adam_first_moment=True,  # m <- b1*m + (1-b1)*g with b1 = betas[0]
+    accepts_inf=(),
+    total_steps_arg=None,
+    weight_decay_matters=True,
+)

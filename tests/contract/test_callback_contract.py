@@ -31,6 +31,7 @@ from contract_helpers import OURS, non_finite, tensors
 from lightning_optim import state_adapter
 from lightning_optim.callbacks import (
     AdaptiveMomentum,
+    HessianEstimator,
     MomentumReset,
     PerpendicularGrad,
     QuantizationAwareTraining,
@@ -158,6 +159,8 @@ def test_spike_guard_reset_with_registered_optimizer(tmp_path: Path, info: Optim
         overrides = {info.total_steps_arg: MAX_STEPS} if info.total_steps_arg else {}
         return info.build(params, **overrides)
 
-    guard = SpikeGuard(action="reset", warmup_steps=GUARD_WARMUP)
-    module, trainer = _fit(tmp_path, make_optimizer, fault, [guard])
+    callbacks: list[pl.Callback] = [SpikeGuard(action="reset", warmup_steps=GUARD_WARMUP)]
+    if info.needs_hvp:  # Hessian-vector optimizers train in Lightning with the callback that feeds them
+        callbacks.append(HessianEstimator())
+    module, trainer = _fit(tmp_path, make_optimizer, fault, callbacks)
     assert_nothing_non_finite(module, trainer, tmp_path, stops=False)
