@@ -22,9 +22,11 @@ from lightning_optim.lion import Lion
 from lightning_optim.lowbit import dequantize_blockwise, dynamic_map, quantize_blockwise
 from lightning_optim.matrix import matrix_param_groups, split_params
 from lightning_optim.muon import Muon
+from lightning_optim.namo import NAMO, NAMOD
 from lightning_optim.param_groups import ParamGroups, param_groups
 from lightning_optim.registry import OptimizerInfo, optimizers
 from lightning_optim.sgd_sai import SGDSaI
+from lightning_optim.sinkgd import SinkGD
 from lightning_optim.soap import SOAP
 from lightning_optim.sophia import SophiaG, SophiaH
 from lightning_optim.spam import SPAM
@@ -52,6 +54,9 @@ __all__ = [
     "SophiaH",
     "SophiaG",
     "Muon",
+    "NAMO",
+    "NAMOD",
+    "SinkGD",
     "split_params",
     "matrix_param_groups",
     "OptimizerInfo",

@@ -8,19 +8,33 @@
   (hidden weight matrices) and an AdamW rule (embeddings, the output head, norms, biases, other 1-D
   tensors), as param groups that carry ``use_muon``.
 
+- :class:`MatrixOptimizer` is the base class of the "matrix rule + AdamW rule" optimizers (Muon, NAMO,
+  NAMO-D, SinkGD): the split of param groups, the AdamW rule, validation, per-rule state; a subclass
+  implements the matrix rule (:meth:`MatrixOptimizer._matrix_step`).
+
 Pure torch; no Lightning import.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import re
+from collections.abc import Iterable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from lightning_optim._base import StateSpec, StepCountedOptimizer, as_compute, write_back
+from lightning_optim.functional import adam_step_, adam_step_foreach_
+from lightning_optim.validation import check_betas, check_bool, check_choice, check_range
+
 __all__ = [
     "NS_COEFFICIENTS",
     "HEAD_NAMES",
+    "MatrixOptimizer",
+    "batched_views",
+    "frobenius_norms",
     "matrix_param_groups",
     "matrix_shape",
     "matrix_view",
@@ -213,3 +227,267 @@ def matrix_param_groups(module: nn.Module) -> dict[str, list[str]]:
         out["muon" if use_muon else "adamw"].append(name)
     return out
 
+
+
+# -- overflow-safe matrix reductions ---------------------------------------------------------------------------
+def frobenius_norms(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(‖X‖_F, max|X|) of each matrix of ``x`` (shape (..., m, n)), keepdim, fp32, overflow-safe.
+
+    ‖X‖_F = a·‖X/a‖_F with a = max|X| (a zero matrix gives 0, a = 1), so a finite X whose squares overflow
+    fp32 still gives a finite norm. NaN entries give NaN.
+
+    Args:
+        x: a matrix or a batch of matrices (fp32).
+    """
+    peak = x.abs().amax(dim=(-2, -1), keepdim=True)
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    return torch.linalg.matrix_norm(x / peak, keepdim=True) * peak, peak
+
+
+def batched_views(tensors: list[Tensor], flatten: bool) -> dict[tuple[int, ...], list[int]]:
+    """Indices of ``tensors`` grouped by their :func:`matrix_shape` (what the foreach paths stack)."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_shape.setdefault(matrix_shape(t.shape, flatten), []).append(i)
+    return by_shape
+
+
+# -- the base class: matrix rule + AdamW rule --------------------------------------------------------------------
+_EMBED_OR_HEAD = re.compile(r"(^|_)(emb|embed|embeds|embedding|embeddings|wte|wpe)($|_)|^(" + "|".join(HEAD_NAMES) + ")$")
+
+
+def _tensor(item: Any) -> Tensor:
+    """The tensor of a params entry (a tensor, or a ``(name, tensor)`` pair of ``named_parameters``)."""
+    return item[1] if isinstance(item, tuple) else item
+
+
+def _matrix_by_shape(item: Any) -> bool:
+    """The automatic split of a group without ``use_muon``: 2+ dims → the matrix rule, unless a named
+    parameter's owning module's name looks like an embedding (``tok_emb``, ``embed_tokens``, ``wte``) or a
+    head (``lm_head``)."""
+    if _tensor(item).ndim < 2:
+        return False
+    if isinstance(item, tuple):
+        parts = str(item[0]).split(".")
+        owner = parts[-2] if len(parts) > 1 else parts[0]  # the attribute name of the owning module
+        return not _EMBED_OR_HEAD.search(owner)
+    return True
+
+
+def check_named_betas(name: str, betas: Any) -> None:
+    """Validate a (β1, β2) tuple whose argument is called ``name`` (e.g. ``adamw_betas``)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid {name}: {betas!r}; expected a tuple of 2 floats in [0, 1).")
+    for i, beta in enumerate(betas):
+        check_range(f"{name}[{i}]", beta, 0.0, 1.0, high_open=True)
+
+
+class MatrixOptimizer(StepCountedOptimizer):
+    """Base class of the optimizers with a matrix rule for hidden matrices and an AdamW rule for the rest.
+
+    One optimizer object per model (Lightning's scheduler, LearningRateMonitor and checkpointing see one
+    optimizer). Every param group carries ``use_muon`` (True: the subclass's matrix rule, False: AdamW;
+    the key keeps Muon's name for every subclass, and ``rule:`` accepts ``"matrix"``, ``"adamw"`` and the
+    names in :attr:`rule_names`). A group without it is split by shape into two consecutive groups (2+
+    dims → matrix rule, 0-/1-D and named embeddings/heads → AdamW); in such a group the plain keys
+    configure the matrix part and ``adamw_lr``/``adamw_betas``/``adamw_eps``/``adamw_weight_decay`` the
+    AdamW part; an explicit ``weight_decay: 0`` turns the decay off for both. In a ``use_muon: False``
+    group ``lr``, ``betas``, ``eps`` and ``weight_decay`` are the AdamW ones, defaulting to ``adamw_*``.
+    A matrix group holding a tensor with fewer than 2 dimensions raises ``ValueError``.
+
+    Subclasses declare :attr:`state_spec` (every key), :attr:`matrix_spec` and :attr:`adamw_spec` (what
+    one parameter of each rule creates), put ``adamw_*``, ``flatten`` and ``foreach`` into their defaults,
+    and implement :meth:`_validate_matrix_options` and :meth:`_matrix_step`. The AdamW rule is
+    torch AdamW's (:func:`lightning_optim.functional.adam_step_`): ε added to √v̂, decay θ(1 − η'λ').
+    """
+
+    #: names ``rule:`` accepts for the matrix rule (besides ``"matrix"``)
+    rule_names: ClassVar[tuple[str, ...]] = ("muon",)
+    #: the state one matrix-rule parameter creates / one AdamW-rule parameter creates
+    matrix_spec: ClassVar[StateSpec] = StateSpec()
+    adamw_spec: ClassVar[StateSpec] = StateSpec(moments={"exp_avg": True, "exp_avg_sq": False})
+
+    # -- param groups: the split ----------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; one without ``use_muon`` is split by shape into a matrix and an AdamW group."""
+        group = dict(param_group)
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        group["params"] = params
+        if "rule" in group:
+            rule = group.pop("rule")
+            matrix_names = ("matrix", *self.rule_names)
+            check_choice("rule", rule, (*matrix_names, "adamw"))
+            if "use_muon" in group and group["use_muon"] is not (rule in matrix_names):
+                raise ValueError(f"Invalid param group: rule={rule!r} contradicts use_muon={group['use_muon']!r}.")
+            group["use_muon"] = rule in matrix_names
+        use_muon = group.get("use_muon")
+        if use_muon is None:
+            matrices = [p for p in params if _matrix_by_shape(p)]
+            others = [p for p in params if not _matrix_by_shape(p)]
+            parts = []
+            if matrices or not others:  # an empty group is kept (as a matrix group): never dropped
+                parts.append({**group, "params": matrices, "use_muon": True})
+            if others:
+                parts.append(self._adamw_group({**group, "params": others}, split=True))
+            for part in parts:
+                super().add_param_group(part)
+            return
+        check_bool("use_muon", use_muon)
+        if use_muon:
+            vectors = [tuple(_tensor(p).shape) for p in params if _tensor(p).ndim < 2]
+            if vectors:
+                raise ValueError(
+                    f"Invalid param group with use_muon=True: it holds tensors with fewer than 2 dimensions "
+                    f"(shapes {vectors[:4]}); the matrix rule needs matrices. Put them in a group with "
+                    "use_muon=False (AdamW), or leave use_muon out to split the group by shape."
+                )
+            super().add_param_group({**group, "params": params})
+        else:
+            super().add_param_group(self._adamw_group({**group, "params": params}, split=False))
+
+    def _adamw_group(self, group: dict[str, Any], split: bool) -> dict[str, Any]:
+        """The AdamW group: its lr/betas/eps/weight_decay from the group, or from the ``adamw_*`` options."""
+        get = lambda key: group.get(key, self.defaults[key])  # noqa: E731
+        if split:  # plain keys belong to the matrix part; an explicit weight_decay 0 means "no decay here"
+            no_decay = "weight_decay" in group and group["weight_decay"] == 0 and "adamw_weight_decay" not in group
+            options = dict(
+                lr=get("adamw_lr"),
+                betas=get("adamw_betas"),
+                eps=get("adamw_eps"),
+                weight_decay=0.0 if no_decay else get("adamw_weight_decay"),
+            )
+        else:
+            options = dict(
+                lr=group.get("lr", get("adamw_lr")),
+                betas=group.get("betas", get("adamw_betas")),
+                eps=group.get("eps", get("adamw_eps")),
+                weight_decay=group.get("weight_decay", get("adamw_weight_decay")),
+            )
+        if isinstance(options["betas"], list):
+            options["betas"] = tuple(options["betas"])
+        return {**group, **options, "use_muon": False}
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        check_bool("use_muon", group.get("use_muon"))
+        check_range("lr", group["lr"], 0.0)
+        check_range("weight_decay", group["weight_decay"], 0.0)
+        self._validate_matrix_options(group)
+        check_range("adamw_lr", group["adamw_lr"], 0.0)
+        check_named_betas("adamw_betas", group["adamw_betas"])
+        check_range("adamw_eps", group["adamw_eps"], 0.0)
+        check_range("adamw_weight_decay", group["adamw_weight_decay"], 0.0)
+        check_bool("flatten", group["flatten"])
+        if group["foreach"] is not None:
+            check_bool("foreach", group["foreach"])
+        if not group["use_muon"]:
+            check_betas(group["betas"])
+            check_range("eps", group["eps"], 0.0)
+
+    def _validate_matrix_options(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
+        """Validate the matrix rule's own options (every group holds them, from the defaults)."""
+        raise NotImplementedError
+
+    # -- state: each parameter holds its rule's moments only ------------------------------------------
+    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        # The class spec lists every key (state dicts load, resets cover all); a parameter's own rule
+        # decides which moments it creates (an instance attribute shadows the class's for this call).
+        self.state_spec = self.matrix_spec if group["use_muon"] else self.adamw_spec
+        try:
+            return super()._init_state(p, group)
+        finally:
+            del self.state_spec
+
+    def _adopt_foreign(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        groups = state_dict.get("param_groups")
+        if isinstance(groups, list) and isinstance(state_dict.get("state"), dict):
+            if groups and not all("use_muon" in g for g in groups):
+                name = type(self).__name__
+                keys = sorted({str(k) for s in state_dict["state"].values() for k in s})
+                raise ValueError(
+                    f"{name}.load_state_dict: the state dict was saved by another optimizer (param groups without "
+                    f"'use_muon'; per-parameter state keys {keys}). Its moments cannot be mapped onto {name}'s two "
+                    f"rules (matrices keep {sorted(self.matrix_spec.moments) or 'no moments'}, the AdamW rule "
+                    f"'exp_avg'/'exp_avg_sq'). Resume with the optimizer that saved it, or load only the model "
+                    f"weights and let {name} start from zero."
+                )
+        return super()._adopt_foreign(state_dict)
+
+    # -- stepping -----------------------------------------------------------------------------------
+    def _step(self, step: int) -> None:
+        for group in self.param_groups:
+            params = self._params_with_grad(group, type(self).__name__)
+            if not params:
+                continue
+            states = [self._init_state(p, group) for p in params]
+            foreach = self._use_foreach(group, params)
+            grads = [p.grad for p in params]
+            if group["use_muon"]:
+                self._matrix_step(group, params, grads, states, foreach)
+            else:
+                fn = adamw_foreach if foreach else adamw_single_tensor
+                beta1, beta2 = group["betas"]
+                fn(
+                    params,
+                    grads,
+                    [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states],
+                    [s["step"] for s in states],
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                )
+
+    def _matrix_step(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], foreach: bool
+    ) -> None:  # pragma: no cover - abstract
+        """One step of the matrix rule for ``params`` (with gradients) of a ``use_muon`` group.
+
+        ``states`` hold the keys of :attr:`matrix_spec` (and ``step``, which the rule increments);
+        ``foreach`` selects the multi-tensor path (same-shaped matrix views batched).
+        """
+        raise NotImplementedError
+
+
+# -- the AdamW rule ---------------------------------------------------------------------------------------------
+def adamw_single_tensor(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    **adam: float,
+) -> None:
+    """AdamW one parameter at a time (:func:`lightning_optim.functional.adam_step_`)."""
+    for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        step_t += 1
+        p32, g32 = as_compute([param, grad])
+        adam_step_(p32, g32, exp_avg, exp_avg_sq, step_t.item(), **adam)  # CPU step: no sync
+        write_back([param], [p32])
+
+
+def adamw_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    **adam: float,
+) -> None:
+    """Multi-tensor AdamW (:func:`lightning_optim.functional.adam_step_foreach_`)."""
+    torch._foreach_add_(steps, 1.0)
+    grouped = StepCountedOptimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, steps])
+    for (dev_params, dev_grads, dev_exp_avgs, dev_exp_avg_sqs, dev_steps), _ in grouped.values():
+        p32, g32 = as_compute(dev_params), as_compute(dev_grads)
+        counts = [t.item() for t in dev_steps]  # CPU tensors: no device sync
+        adam_step_foreach_(p32, g32, dev_exp_avgs, dev_exp_avg_sqs, counts, **adam)
+        write_back(dev_params, p32)
+
+
+def split_spec(spec: StateSpec, matrix_moments: Iterable[str]) -> tuple[StateSpec, StateSpec]:
+    """(matrix_spec, adamw_spec) of a class spec: the matrix rule's moments, and Adam's two."""
+    matrix = dataclasses.replace(spec, moments={k: spec.moments[k] for k in matrix_moments})
+    adamw = dataclasses.replace(spec, moments={"exp_avg": True, "exp_avg_sq": False})
+    return matrix, adamw

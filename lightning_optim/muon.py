@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import re
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -12,13 +10,20 @@ import torch
 from torch import Tensor
 
 from lightning_optim._base import StateSpec, StepCountedOptimizer, as_compute, write_back
-from lightning_optim.functional import adam_step_, adam_step_foreach_, decoupled_decay_
-from lightning_optim.matrix import HEAD_NAMES, matrix_param_groups, matrix_shape, matrix_view, newton_schulz, split_params
-from lightning_optim.validation import check_betas, check_bool, check_choice, check_int, check_range
+from lightning_optim.functional import decoupled_decay_
+from lightning_optim.matrix import (
+    MatrixOptimizer,
+    matrix_param_groups,
+    matrix_shape,
+    matrix_view,
+    newton_schulz,
+    split_params,
+    split_spec,
+)
+from lightning_optim.validation import check_bool, check_choice, check_int, check_range
 
 __all__ = ["Muon", "muon_scale", "split_params", "matrix_param_groups"]
 
-_ADAMW_KEYS = ("adamw_lr", "adamw_betas", "adamw_eps", "adamw_weight_decay")
 _SPEC = StateSpec(
     moments={"momentum_buffer": True, "exp_avg": True, "exp_avg_sq": False},
     first_moment="momentum_buffer",
@@ -26,8 +31,7 @@ _SPEC = StateSpec(
     second_moment_like_grad_sq=False,  # kept only for the AdamW-rule parameters, not for the matrices
 )
 # What one parameter holds: the matrix rule keeps the momentum, the AdamW rule Adam's two moments.
-_SPEC_MUON = dataclasses.replace(_SPEC, moments={"momentum_buffer": True})
-_SPEC_ADAMW = dataclasses.replace(_SPEC, moments={"exp_avg": True, "exp_avg_sq": False})
+_SPEC_MUON, _SPEC_ADAMW = split_spec(_SPEC, ("momentum_buffer",))
 
 
 def muon_scale(rows: int, cols: int, adjust_lr: str) -> float:
@@ -46,7 +50,7 @@ def muon_scale(rows: int, cols: int, adjust_lr: str) -> float:
     return math.sqrt(max(1.0, rows / cols))
 
 
-class Muon(StepCountedOptimizer):
+class Muon(MatrixOptimizer):
     r"""Muon (MomentUm Orthogonalized by Newton-Schulz) for the hidden matrices, AdamW for the rest, in one optimizer.
 
     Jordan et al., "Muon: An optimizer for hidden layers in neural networks" (2024,
@@ -68,7 +72,8 @@ class Muon(StepCountedOptimizer):
     reference's ``adam_update``: m ← β1 m + (1−β1) g, v ← β2 v + (1−β2) g², θ ← θ(1 − η'λ') −
     η'·m̂/(√v̂ + ε) (the same as torch AdamW; :func:`lightning_optim.functional.adam_step_`).
 
-    **The split.** One optimizer holds both rules, so Lightning's scheduler, LearningRateMonitor and
+    **The split** (the machinery lives in the shared base :class:`~lightning_optim.matrix.MatrixOptimizer`,
+    also used by NAMO, NAMO-D and SinkGD; ``rule: matrix`` is accepted too). One optimizer holds both rules, so Lightning's scheduler, LearningRateMonitor and
     checkpointing see one optimizer; every param group carries ``use_muon`` (True: the matrix rule,
     False: AdamW). A group that does not say (plain ``model.parameters()``, what LightningCLI passes, or
     groups from our ``param_groups:`` section) is split by shape into two consecutive groups: tensors with
@@ -123,6 +128,9 @@ class Muon(StepCountedOptimizer):
     """
 
     state_spec = _SPEC
+    matrix_spec = _SPEC_MUON
+    adamw_spec = _SPEC_ADAMW
+    rule_names = ("muon",)
 
     def __init__(
         self,
@@ -159,177 +167,32 @@ class Muon(StepCountedOptimizer):
         )
         super().__init__(params, defaults)
 
-    # -- param groups: the split ----------------------------------------------------------------------
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; one without ``use_muon`` is split by shape into a Muon and an AdamW group."""
-        group = dict(param_group)
-        params = group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        group["params"] = params
-        if "rule" in group:
-            rule = group.pop("rule")
-            check_choice("rule", rule, ("muon", "adamw"))
-            if "use_muon" in group and group["use_muon"] is not (rule == "muon"):
-                raise ValueError(f"Invalid param group: rule={rule!r} contradicts use_muon={group['use_muon']!r}.")
-            group["use_muon"] = rule == "muon"
-        use_muon = group.get("use_muon")
-        if use_muon is None:
-            matrices = [p for p in params if _matrix_by_shape(p)]
-            others = [p for p in params if not _matrix_by_shape(p)]
-            parts = []
-            if matrices or not others:  # an empty group is kept (as a matrix group): never dropped
-                parts.append({**group, "params": matrices, "use_muon": True})
-            if others:
-                parts.append(self._adamw_group({**group, "params": others}, split=True))
-            for part in parts:
-                super().add_param_group(part)
-            return
-        check_bool("use_muon", use_muon)
-        if use_muon:
-            vectors = [tuple(_tensor(p).shape) for p in params if _tensor(p).ndim < 2]
-            if vectors:
-                raise ValueError(
-                    f"Invalid param group with use_muon=True: it holds tensors with fewer than 2 dimensions "
-                    f"(shapes {vectors[:4]}); the matrix rule needs matrices. Put them in a group with "
-                    "use_muon=False (AdamW), or leave use_muon out to split the group by shape."
-                )
-            super().add_param_group({**group, "params": params})
-        else:
-            super().add_param_group(self._adamw_group({**group, "params": params}, split=False))
-
-    def _adamw_group(self, group: dict[str, Any], split: bool) -> dict[str, Any]:
-        """The AdamW group: its lr/betas/eps/weight_decay from the group, or from the ``adamw_*`` options."""
-        get = lambda key: group.get(key, self.defaults[key])  # noqa: E731
-        if split:  # plain keys belong to the Muon part; an explicit weight_decay 0 means "no decay here"
-            no_decay = "weight_decay" in group and group["weight_decay"] == 0 and "adamw_weight_decay" not in group
-            options = dict(
-                lr=get("adamw_lr"),
-                betas=get("adamw_betas"),
-                eps=get("adamw_eps"),
-                weight_decay=0.0 if no_decay else get("adamw_weight_decay"),
-            )
-        else:
-            options = dict(
-                lr=group.get("lr", get("adamw_lr")),
-                betas=group.get("betas", get("adamw_betas")),
-                eps=group.get("eps", get("adamw_eps")),
-                weight_decay=group.get("weight_decay", get("adamw_weight_decay")),
-            )
-        if isinstance(options["betas"], list):
-            options["betas"] = tuple(options["betas"])
-        return {**group, **options, "use_muon": False}
-
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        check_bool("use_muon", group.get("use_muon"))
-        check_range("lr", group["lr"], 0.0)
-        check_range("weight_decay", group["weight_decay"], 0.0)
+    def _validate_matrix_options(self, group: dict[str, Any]) -> None:
         check_range("momentum", group["momentum"], 0.0, 1.0, high_open=True)
         check_bool("nesterov", group["nesterov"])
         check_int("ns_steps", group["ns_steps"], 1)
         check_choice("ns_dtype", group["ns_dtype"], ("bfloat16", "float32"))
         check_choice("adjust_lr", group["adjust_lr"], ("spectral", "match_rms_adamw"))
-        check_range("adamw_lr", group["adamw_lr"], 0.0)
-        _check_named_betas("adamw_betas", group["adamw_betas"])
-        check_range("adamw_eps", group["adamw_eps"], 0.0)
-        check_range("adamw_weight_decay", group["adamw_weight_decay"], 0.0)
-        check_bool("flatten", group["flatten"])
-        if group["foreach"] is not None:
-            check_bool("foreach", group["foreach"])
-        if not group["use_muon"]:
-            check_betas(group["betas"])
-            check_range("eps", group["eps"], 0.0)
-
-    # -- state: each parameter holds its rule's moments only ------------------------------------------
-    def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        # The class spec lists every key (state dicts load, resets cover all); a parameter's own rule
-        # decides which moments it creates.
-        self.state_spec = _SPEC_MUON if group["use_muon"] else _SPEC_ADAMW
-        try:
-            return super()._init_state(p, group)
-        finally:
-            del self.state_spec
-
-    def _adopt_foreign(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        groups = state_dict.get("param_groups")
-        if isinstance(groups, list) and isinstance(state_dict.get("state"), dict):
-            if groups and not all("use_muon" in g for g in groups):
-                keys = sorted({str(k) for s in state_dict["state"].values() for k in s})
-                raise ValueError(
-                    f"Muon.load_state_dict: the state dict was saved by another optimizer (param groups without "
-                    f"'use_muon'; per-parameter state keys {keys}). Its moments cannot be mapped onto Muon's two "
-                    "rules (matrices keep 'momentum_buffer', the AdamW rule 'exp_avg'/'exp_avg_sq'). Resume with "
-                    "the optimizer that saved it, or load only the model weights and let Muon start from zero."
-                )
-        return super()._adopt_foreign(state_dict)
 
     # -- stepping -----------------------------------------------------------------------------------
-    def _step(self, step: int) -> None:
-        for group in self.param_groups:
-            params = self._params_with_grad(group, "Muon")
-            if not params:
-                continue
-            states = [self._init_state(p, group) for p in params]
-            foreach = self._use_foreach(group, params)
-            grads = [p.grad for p in params]
-            counters = [s["step"] for s in states]
-            if group["use_muon"]:
-                fn = _muon_foreach if foreach else _muon_single_tensor
-                fn(
-                    params,
-                    grads,
-                    [s["momentum_buffer"] for s in states],
-                    counters,
-                    lr=group["lr"],
-                    momentum=group["momentum"],
-                    weight_decay=group["weight_decay"],
-                    nesterov=group["nesterov"],
-                    ns_steps=group["ns_steps"],
-                    ns_dtype=group["ns_dtype"],
-                    adjust_lr=group["adjust_lr"],
-                    flatten=group["flatten"],
-                )
-            else:
-                fn = _adamw_foreach if foreach else _adamw_single_tensor
-                beta1, beta2 = group["betas"]
-                fn(
-                    params,
-                    grads,
-                    [s["exp_avg"] for s in states],
-                    [s["exp_avg_sq"] for s in states],
-                    counters,
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                )
-
-
-_EMBED_OR_HEAD = re.compile(r"(^|_)(emb|embed|embeds|embedding|embeddings|wte|wpe)($|_)|^(" + "|".join(HEAD_NAMES) + ")$")
-
-
-def _tensor(item: Any) -> Tensor:
-    """The tensor of a params entry (a tensor, or a ``(name, tensor)`` pair of ``named_parameters``)."""
-    return item[1] if isinstance(item, tuple) else item
-
-
-def _matrix_by_shape(item: Any) -> bool:
-    """The automatic split of a group without ``use_muon``: 2+ dims → Muon, unless a named parameter's
-    owning module's name looks like an embedding (``tok_emb``, ``embed_tokens``, ``wte``) or a head (``lm_head``)."""
-    if _tensor(item).ndim < 2:
-        return False
-    if isinstance(item, tuple):
-        parts = str(item[0]).split(".")
-        owner = parts[-2] if len(parts) > 1 else parts[0]  # the attribute name of the owning module
-        return not _EMBED_OR_HEAD.search(owner)
-    return True
-
-
-def _check_named_betas(name: str, betas: Any) -> None:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid {name}: {betas!r}; expected a tuple of 2 floats in [0, 1).")
-    for i, beta in enumerate(betas):
-        check_range(f"{name}[{i}]", beta, 0.0, 1.0, high_open=True)
+    def _matrix_step(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], foreach: bool
+    ) -> None:
+        fn = _muon_foreach if foreach else _muon_single_tensor
+        fn(
+            params,
+            grads,
+            [s["momentum_buffer"] for s in states],
+            [s["step"] for s in states],
+            lr=group["lr"],
+            momentum=group["momentum"],
+            weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"],
+            ns_steps=group["ns_steps"],
+            ns_dtype=group["ns_dtype"],
+            adjust_lr=group["adjust_lr"],
+            flatten=group["flatten"],
+        )
 
 
 # -- the matrix rule --------------------------------------------------------------------------------------
@@ -398,36 +261,4 @@ def _muon_foreach(
         write_back(dev_params, p32)
 
 
-# -- the AdamW rule ---------------------------------------------------------------------------------------
-def _adamw_single_tensor(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    **adam: float,
-) -> None:
-    """AdamW one parameter at a time (:func:`lightning_optim.functional.adam_step_`)."""
-    for param, grad, exp_avg, exp_avg_sq, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
-        step_t += 1
-        p32, g32 = as_compute([param, grad])
-        adam_step_(p32, g32, exp_avg, exp_avg_sq, step_t.item(), **adam)  # CPU step: no sync
-        write_back([param], [p32])
-
-
-def _adamw_foreach(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    **adam: float,
-) -> None:
-    """Multi-tensor AdamW (:func:`lightning_optim.functional.adam_step_foreach_`)."""
-    torch._foreach_add_(steps, 1.0)
-    grouped = StepCountedOptimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, steps])
-    for (dev_params, dev_grads, dev_exp_avgs, dev_exp_avg_sqs, dev_steps), _ in grouped.values():
-        p32, g32 = as_compute(dev_params), as_compute(dev_grads)
-        counts = [t.item() for t in dev_steps]  # CPU tensors: no device sync
-        adam_step_foreach_(p32, g32, dev_exp_avgs, dev_exp_avg_sqs, counts, **adam)
-        write_back(dev_params, p32)
+# the AdamW rule lives in lightning_optim.matrix (MatrixOptimizer, adamw_single_tensor, adamw_foreach)

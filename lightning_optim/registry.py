@@ -26,8 +26,22 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from lightning_optim.adabelief import AdaBelief
+from lightning_optim.adahessian import AdaHessian
+from lightning_optim.adamp import SGDP, AdamP
 from lightning_optim.adaptive_momentum import AdaptiveMomentumAdamW, AdaptiveMomentumSGD
+from lightning_optim.dual_adam import DualAdam
+from lightning_optim.exadam import EXAdam
+from lightning_optim.galore import GaLore
+from lightning_optim.lamb import LAMB
+from lightning_optim.lion import Lion
 from lightning_optim.lowbit import BLOCK_SIZE
+from lightning_optim.muon import Muon
+from lightning_optim.namo import NAMO, NAMOD
+from lightning_optim.sgd_sai import SGDSaI
+from lightning_optim.sinkgd import SinkGD
+from lightning_optim.soap import SOAP
+from lightning_optim.sophia import SophiaG, SophiaH
 from lightning_optim.spam import SPAM
 from lightning_optim.stable_spam import StableSPAM
 
@@ -199,6 +213,7 @@ def table() -> str:
 
 
 # -- the registry ----------------------------------------------------------------------------------------
+# Adam family
 register(
     SPAM,
     paper="Huang et al., SPAM: Spike-Aware Adam with Momentum Reset, ICLR 2025 (arXiv 2501.06842)",
@@ -218,50 +233,12 @@ register(
     total_steps_arg="total_steps",
 )
 register(
-    AdaptiveMomentumSGD,
-    aliases=("am_sgd",),
-    paper="Topollai & Choromanska, Adaptive Memory Momentum (arXiv 2510.04988)",
-    family="sgd",
-    state_bits_8=True,
-    weight_decay_matters=False,
-)
-register(
     AdaptiveMomentumAdamW,
     aliases=("am_adamw",),
     paper="Topollai & Choromanska, Adaptive Memory Momentum (arXiv 2510.04988)",
     family="adam",
     compile=True,
     state_bits_8=True,
-)
-# Reference baselines (not ours: the fault contract does not cover them, the bench and examples use them).
-register(
-    torch.optim.AdamW,
-    paper="Loshchilov & Hutter, Decoupled Weight Decay Regularization, ICLR 2019",
-    family="adam",
-    ours=False,
-    first_moment="exp_avg",
-    second_moment_like_grad_sq=True,
-    adam_first_moment=True,
-    moments=2,
-)
-
-# -- Lion and LAMB (issue 12) --
-from lightning_optim.lion import Lion  # noqa: E402
-from lightning_optim.lamb import LAMB  # noqa: E402
-
-register(
-    Lion,
-    paper="Chen et al., Symbolic Discovery of Optimization Algorithms, NeurIPS 2023 (arXiv 2302.06675)",
-    family="sign",
-    aliases=(),  # "lion" is the name itself
-    compile=True,
-    state_bits_8=True,
-    needs_closure=False,
-    needs_hvp=False,
-    adam_first_moment=False,  # m is an EMA with beta2 = betas[1]; betas[0] only weights the signed interpolation
-    accepts_inf=(),
-    total_steps_arg=None,
-    weight_decay_matters=True,  # the authors tune lr and weight decay together (3-10x AdamW's decay)
 )
 register(
     LAMB,
@@ -277,10 +254,6 @@ register(
     total_steps_arg=None,
     weight_decay_matters=True,
 )
-
-# -- AdaBelief (issue 12) --
-from lightning_optim.adabelief import AdaBelief  # noqa: E402
-
 register(
     AdaBelief,
     aliases=("ada_belief",),
@@ -297,10 +270,6 @@ register(
     total_steps_arg=None,
     weight_decay_matters=True,
 )
-
-# -- AdamP and SGDP (issue 12) --
-from lightning_optim.adamp import SGDP, AdamP  # noqa: E402
-
 register(
     AdamP,
     paper="Heo et al., AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant Weights, ICLR 2021 (arXiv 2006.08217)",
@@ -314,44 +283,6 @@ register(
     total_steps_arg=None,
     weight_decay_matters=True,
 )
-register(
-    SGDP,
-    paper="Heo et al., AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant Weights, ICLR 2021 (arXiv 2006.08217)",
-    family="sgd",
-    compile=True,
-    state_bits_8=True,
-    needs_closure=False,
-    needs_hvp=False,
-    adam_first_moment=False,
-    accepts_inf=(),
-    total_steps_arg=None,
-    weight_decay_matters=True,
-)
-
-# -- Muon (issue 13) --
-from lightning_optim.muon import Muon  # noqa: E402
-
-register(
-    Muon,
-    paper="Jordan et al., Muon: An optimizer for hidden layers in neural networks (2024, kellerjordan.github.io/posts/muon)",
-    family="matrix",
-    aliases=(),  # "muon" is the name itself
-    compile=False,  # eager only: the Newton-Schulz matmuls dominate; no compiled step is offered
-    state_bits_8=False,
-    needs_closure=False,
-    needs_hvp=False,
-    matrix_only=False,  # 0-/1-D tensors (and use_muon=False groups) take the built-in AdamW rule
-    adam_first_moment=False,  # momentum_buffer is an EMA with mu = momentum (no betas) for the matrices
-    moments=1,  # matrices keep momentum_buffer (4 B/param); AdamW-rule tensors keep exp_avg + exp_avg_sq
-    accepts_inf=(),
-    total_steps_arg=None,
-    weight_decay_matters=True,
-)
-
-# -- EXAdam and DualAdam (issue 12) --
-from lightning_optim.dual_adam import DualAdam  # noqa: E402
-from lightning_optim.exadam import EXAdam  # noqa: E402
-
 register(
     EXAdam,
     paper="Adly, EXAdam: The Power of Adaptive Cross-Moments (arXiv 2412.20302)",
@@ -380,10 +311,43 @@ register(
     total_steps_arg=None,
     weight_decay_matters=True,
 )
-
-# -- SGD-SaI (issue 12) --
-from lightning_optim.sgd_sai import SGDSaI  # noqa: E402
-
+# sign methods
+register(
+    Lion,
+    paper="Chen et al., Symbolic Discovery of Optimization Algorithms, NeurIPS 2023 (arXiv 2302.06675)",
+    family="sign",
+    aliases=(),  # "lion" is the name itself
+    compile=True,
+    state_bits_8=True,
+    needs_closure=False,
+    needs_hvp=False,
+    adam_first_moment=False,  # m is an EMA with beta2 = betas[1]; betas[0] only weights the signed interpolation
+    accepts_inf=(),
+    total_steps_arg=None,
+    weight_decay_matters=True,  # the authors tune lr and weight decay together (3-10x AdamW's decay)
+)
+# SGD family
+register(
+    AdaptiveMomentumSGD,
+    aliases=("am_sgd",),
+    paper="Topollai & Choromanska, Adaptive Memory Momentum (arXiv 2510.04988)",
+    family="sgd",
+    state_bits_8=True,
+    weight_decay_matters=False,
+)
+register(
+    SGDP,
+    paper="Heo et al., AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant Weights, ICLR 2021 (arXiv 2006.08217)",
+    family="sgd",
+    compile=True,
+    state_bits_8=True,
+    needs_closure=False,
+    needs_hvp=False,
+    adam_first_moment=False,
+    accepts_inf=(),
+    total_steps_arg=None,
+    weight_decay_matters=True,
+)
 register(
     SGDSaI,
     aliases=("sgd_sai",),
@@ -398,53 +362,7 @@ register(
     total_steps_arg=None,
     weight_decay_matters=True,
 )
-
-# -- GaLore (issue 14) --
-from lightning_optim.galore import GaLore  # noqa: E402
-
-register(
-    GaLore,
-    paper="Zhao et al., GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection, ICML 2024 (arXiv 2403.03507)",
-    family="low-rank",
-    aliases=(),  # "galore" is the name itself
-    compile=False,  # eager only: the per-matrix projections and the SVD refresh dominate
-    state_bits_8=False,
-    needs_closure=False,
-    needs_hvp=False,
-    # exp_avg is Adam's EMA, but of the projected R (r x n or m x r), not in the parameter's shape
-    adam_first_moment=False,
-    # AdamW fallback's 2 parameter-sized moments; a projected m x n matrix keeps 2*r*n + m*r floats (left)
-    # or 2*m*r + n*r (right), r = min(rank, m, n) (GaLore docstring)
-    moments=2,
-    accepts_inf=(),
-    total_steps_arg=None,
-    weight_decay_matters=True,
-)
-
-# -- SOAP (issue 13) --
-from lightning_optim.soap import SOAP  # noqa: E402
-
-register(
-    SOAP,
-    paper="Vyas et al., SOAP: Improving and Stabilizing Shampoo using Adam, ICLR 2025 (arXiv 2409.11321)",
-    family="matrix",
-    aliases=(),  # "soap" is the name itself
-    foreach=True,  # element-wise stages multi-tensor; projections and refreshes per tensor
-    compile=False,
-    state_bits_8=False,
-    needs_closure=False,
-    needs_hvp=False,
-    matrix_only=False,  # 1-D and 0-dim tensors are plain Adam inside SOAP
-    adam_first_moment=False,  # exp_avg is Adam's EMA of g, but the Adam metric (exp_avg_sq) lives in the eigenbasis
-    accepts_inf=(),
-    total_steps_arg=None,
-    weight_decay_matters=True,
-)
-
-# -- AdaHessian, SophiaH, SophiaG (issue 12; in Lightning with lightning_optim.callbacks.HessianEstimator) --
-from lightning_optim.adahessian import AdaHessian  # noqa: E402
-from lightning_optim.sophia import SophiaG, SophiaH  # noqa: E402
-
+# second-order (Hessian estimates)
 register(
     AdaHessian,
     aliases=("ada_hessian",),
@@ -486,4 +404,117 @@ register(
     accepts_inf=(),
     total_steps_arg=None,
     weight_decay_matters=True,
+)
+# matrix optimizers (a matrix rule plus an AdamW rule for the rest)
+register(
+    Muon,
+    paper="Jordan et al., Muon: An optimizer for hidden layers in neural networks (2024, kellerjordan.github.io/posts/muon)",
+    family="matrix",
+    aliases=(),  # "muon" is the name itself
+    compile=False,  # eager only: the Newton-Schulz matmuls dominate; no compiled step is offered
+    state_bits_8=False,
+    needs_closure=False,
+    needs_hvp=False,
+    matrix_only=False,  # 0-/1-D tensors (and use_muon=False groups) take the built-in AdamW rule
+    adam_first_moment=False,  # momentum_buffer is an EMA with mu = momentum (no betas) for the matrices
+    moments=1,  # matrices keep momentum_buffer (4 B/param); AdamW-rule tensors keep exp_avg + exp_avg_sq
+    accepts_inf=(),
+    total_steps_arg=None,
+    weight_decay_matters=True,
+)
+register(
+    NAMO,
+    paper="Zhang, Liu & Schaeffer, Adam Improves Muon: Adaptive Moment Estimation with Orthogonalized Momentum (arXiv 2602.17080, 2026)",
+    family="matrix",
+    aliases=(),  # "namo" is the name itself
+    compile=False,  # eager only: the Newton-Schulz matmuls dominate
+    state_bits_8=False,
+    needs_closure=False,
+    needs_hvp=False,
+    matrix_only=False,  # 0-/1-D tensors (and use_muon=False groups) take the built-in AdamW rule
+    # momentum_buffer is an EMA with betas[0] for the matrices, but the AdamW-rule tensors keep exp_avg instead
+    adam_first_moment=False,
+    moments=1,  # matrices: momentum_buffer (4 B/param) + one fp32 per matrix; AdamW-rule tensors: 2 moments
+    accepts_inf=(),
+    total_steps_arg=None,
+    weight_decay_matters=True,
+)
+register(
+    NAMOD,
+    name="NAMO-D",
+    paper="Zhang, Liu & Schaeffer, Adam Improves Muon: Adaptive Moment Estimation with Orthogonalized Momentum (arXiv 2602.17080, 2026), column-wise variant",
+    family="matrix",
+    aliases=("namo_d", "namod"),
+    compile=False,  # eager only: the Newton-Schulz matmuls dominate
+    state_bits_8=False,
+    needs_closure=False,
+    needs_hvp=False,
+    matrix_only=False,  # 0-/1-D tensors (and use_muon=False groups) take the built-in AdamW rule
+    adam_first_moment=False,  # as NAMO: the AdamW-rule tensors have no momentum_buffer
+    moments=1,  # matrices: momentum_buffer (4 B/param) + one fp32 per column; AdamW-rule tensors: 2 moments
+    accepts_inf=(),
+    total_steps_arg=None,
+    weight_decay_matters=True,
+)
+register(
+    SinkGD,
+    paper="Scetbon, Ma, Gong & Meeds, Gradient Multi-Normalization for Stateless and Scalable LLM Training (arXiv 2502.06742, 2025)",
+    family="matrix",
+    aliases=("sink_gd",),
+    compile=False,  # eager only
+    state_bits_8=False,
+    needs_closure=False,
+    needs_hvp=False,
+    matrix_only=False,  # 0-/1-D tensors (and use_muon=False groups) take the built-in AdamW rule
+    adam_first_moment=False,  # the matrices are stateless; exp_avg exists only for the AdamW-rule tensors
+    moments=0,  # matrices: no state (0 B/param); AdamW-rule tensors keep exp_avg + exp_avg_sq
+    accepts_inf=(),
+    total_steps_arg=None,
+    weight_decay_matters=False,  # the paper trains without weight decay
+)
+register(
+    SOAP,
+    paper="Vyas et al., SOAP: Improving and Stabilizing Shampoo using Adam, ICLR 2025 (arXiv 2409.11321)",
+    family="matrix",
+    aliases=(),  # "soap" is the name itself
+    foreach=True,  # element-wise stages multi-tensor; projections and refreshes per tensor
+    compile=False,
+    state_bits_8=False,
+    needs_closure=False,
+    needs_hvp=False,
+    matrix_only=False,  # 1-D and 0-dim tensors are plain Adam inside SOAP
+    adam_first_moment=False,  # exp_avg is Adam's EMA of g, but the Adam metric (exp_avg_sq) lives in the eigenbasis
+    accepts_inf=(),
+    total_steps_arg=None,
+    weight_decay_matters=True,
+)
+# low-rank projected state
+register(
+    GaLore,
+    paper="Zhao et al., GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection, ICML 2024 (arXiv 2403.03507)",
+    family="low-rank",
+    aliases=(),  # "galore" is the name itself
+    compile=False,  # eager only: the per-matrix projections and the SVD refresh dominate
+    state_bits_8=False,
+    needs_closure=False,
+    needs_hvp=False,
+    # exp_avg is Adam's EMA, but of the projected R (r x n or m x r), not in the parameter's shape
+    adam_first_moment=False,
+    # AdamW fallback's 2 parameter-sized moments; a projected m x n matrix keeps 2*r*n + m*r floats (left)
+    # or 2*m*r + n*r (right), r = min(rank, m, n) (GaLore docstring)
+    moments=2,
+    accepts_inf=(),
+    total_steps_arg=None,
+    weight_decay_matters=True,
+)
+# Reference baselines (not ours: the fault contract does not cover them, the bench and examples use them).
+register(
+    torch.optim.AdamW,
+    paper="Loshchilov & Hutter, Decoupled Weight Decay Regularization, ICLR 2019",
+    family="adam",
+    ours=False,
+    first_moment="exp_avg",
+    second_moment_like_grad_sq=True,
+    adam_first_moment=True,
+    moments=2,
 )
