@@ -149,8 +149,18 @@ def _cli_class() -> type:
     import lightning_optim.callbacks  # noqa: F401  (imports the callbacks, so they resolve by short name)
     from lightning_optim.param_groups import ParamGroups
 
+    import jsonargparse
+    import yaml
+
+    jsonargparse.set_loader(_PARSER_MODE, _yaml_with_full_optimizer_paths, (yaml.YAMLError,))
+
     class FriendlyParser(LightningArgumentParser):
-        """Reports errors as one short message (see :func:`condense_parser_error`)."""
+        """Reports errors as one short message (see :func:`condense_parser_error`), and reads YAML with our
+        optimizers' short names resolved to class paths (see :func:`full_optimizer_path`)."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("parser_mode", _PARSER_MODE)
+            super().__init__(*args, **kwargs)
 
         def error(self, message: str, ex: Exception | None = None) -> Any:
             if not self.exit_on_error:  # a nested parse that handles the error itself
@@ -182,6 +192,10 @@ def _cli_class() -> type:
             parser.add_class_arguments(ParamGroups, "param_groups", instantiate=True)
 
         def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+            if isinstance(args, (list, tuple)):
+                args = with_full_optimizer_paths(list(args))
+            elif args is None and len(sys.argv) > 1:
+                sys.argv[1:] = with_full_optimizer_paths(sys.argv[1:])
             super().parse_arguments(parser, args)
             argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
             subcommand = self.config.get("subcommand")
@@ -236,6 +250,54 @@ def __getattr__(name: str) -> Any:  # ``from lightning_optim.cli import Lightnin
     if name == "LightningOptimCLI":
         return _cli_class()
     raise AttributeError(name)
+
+
+# -- short optimizer names ---------------------------------------------------------------------------
+# jsonargparse resolves a short name among every imported Optimizer subclass of that name, so `SPAM` turns
+# ambiguous as soon as another package's SPAM is imported (pytorch_optimizer has one): our registered names
+# and aliases are resolved to class paths before it sees them.
+_PARSER_MODE = "lightning_optim_yaml"
+
+
+def full_optimizer_path(name: Any) -> Any:
+    """``"SPAM"`` / ``"stable_spam"`` -> ``"lightning_optim.spam.SPAM"``; anything else is returned as it is."""
+    from lightning_optim import registry
+
+    if not isinstance(name, str) or "." in name or not name:
+        return name
+    try:
+        cls = registry.get(name).cls
+    except ValueError:
+        return name
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def with_full_optimizer_paths(argv: list[str]) -> list[str]:
+    """``--optimizer NAME`` / ``--optimizer=NAME`` with NAME resolved by :func:`full_optimizer_path`."""
+    out = list(argv)
+    for i, token in enumerate(out):
+        if token == "--optimizer" and i + 1 < len(out):
+            out[i + 1] = full_optimizer_path(out[i + 1])
+        elif token.startswith("--optimizer="):
+            out[i] = "--optimizer=" + full_optimizer_path(token.partition("=")[2])
+    return out
+
+
+def _yaml_with_full_optimizer_paths(text: str) -> Any:
+    """jsonargparse's YAML loading, with the config's ``optimizer: NAME`` / ``class_path: NAME`` resolved."""
+    import yaml
+
+    data = yaml.safe_load(text)
+    if isinstance(data, dict):
+        section = data.get("optimizer")
+        if isinstance(section, str):
+            data["optimizer"] = full_optimizer_path(section)
+        elif isinstance(section, dict) and "class_path" in section:
+            section["class_path"] = full_optimizer_path(section["class_path"])
+        for sub in ("fit", "validate", "test", "predict"):  # a config given before the subcommand
+            if isinstance(data.get(sub), dict):
+                data[sub] = _yaml_with_full_optimizer_paths(yaml.safe_dump(data[sub]))
+    return data
 
 
 # -- --optimizer over a config's optimizer ----------------------------------------------------------
@@ -305,7 +367,8 @@ def restart_replaced_optimizer(config: Any, argv: list[str]) -> str | None:
         return None
     settings = ", ".join(f"{k}={v}" for k, v in dropped.items())
     return (
-        f"--optimizer {name} replaces the config's {old_path}; its settings were dropped ({settings}) and "
+        f"--optimizer {name.rsplit('.', 1)[-1]} replaces the config's {old_path.rsplit('.', 1)[-1]}; its settings "
+        f"were dropped ({settings}) and "
         f"{new_cls.__name__}'s own defaults apply. Pass --optimizer.<argument> to set any of them."
     )
 

@@ -73,6 +73,24 @@ def test_short_optimizer_name_resolves() -> None:
     assert isinstance(optimizer, lightning_optim.SPAM) and optimizer.defaults["lr"] == 4e-4
 
 
+def test_short_name_stays_ours_when_another_package_has_the_same_class_name(tmp_path: Path) -> None:
+    """pytorch_optimizer also defines ``SPAM``: jsonargparse alone would call ``--optimizer SPAM`` ambiguous,
+    in YAML too; our registered names and aliases resolve to our classes."""
+    import pytorch_optimizer
+
+    assert pytorch_optimizer.SPAM.__name__ == "SPAM"
+    cli = LightningOptimCLI(args=[*BORING, "--optimizer", "SPAM", "--optimizer.lr", "4e-4"], run=False)
+    optimizer = cli.model.configure_optimizers()
+    optimizer = optimizer[0][0] if isinstance(optimizer, tuple) else optimizer
+    assert type(optimizer) is lightning_optim.SPAM
+    config = tmp_path / "short.yaml"
+    config.write_text("optimizer:\n  class_path: SPAM\n  init_args: {lr: 3.0e-4}\n")
+    cli = LightningOptimCLI(args=[*BORING, "--config", str(config)], run=False)
+    optimizer = cli.model.configure_optimizers()
+    optimizer = optimizer[0][0] if isinstance(optimizer, tuple) else optimizer
+    assert type(optimizer) is lightning_optim.SPAM and optimizer.defaults["lr"] == 3e-4
+
+
 def test_yaml_param_groups_rebuild_any_optimizer(tmp_path: Path) -> None:
     config = tmp_path / "groups.yaml"
     config.write_text(
