@@ -510,10 +510,8 @@ def test_optimizers_all_and_per_optimizer_wd_grid(
     out = capsys.readouterr().out
     plan = [line.strip() for line in out.splitlines() if line.startswith("  ") and not line.strip().startswith("total")]
     listed = [line.split(":")[0] for line in plan]
-    expected = [e.name for e in registry.optimizers() if not e.needs_hvp]
+    expected = [e.name for e in registry.optimizers()]  # the second-order ones run with HessianEstimator
     assert listed[0] == "AdamW" and sorted(listed) == sorted(expected)
-    skipped = [e.name for e in registry.optimizers() if e.needs_hvp]
-    assert all(name in out.splitlines()[0] for name in skipped)  # named in the "leaves out" note
     # an explicit per-optimizer grid sweeps weight decay even where the registry says it does not matter
     assert "AdaptiveMomentumSGD: lr 0.00316, 0.01, 0.0316 x wd 0, 0.0001: 6 runs" in out
 
@@ -535,3 +533,14 @@ def test_worker_process_entry_point_round_trips_a_spec(tmp_path: Path) -> None:
     sweep = Sweep.__new__(Sweep)
     with pytest.raises(ConfigError, match="NoSuchModel"):
         Sweep._finish(sweep, spec, record)
+
+
+def test_second_order_runs_get_the_hessian_estimator() -> None:
+    """AdaHessian / SophiaH / SophiaG runs get lightning_optim.callbacks.HessianEstimator (they train in
+    Lightning with it); other optimizers' runs do not."""
+    from lightning_optim.compare.runner import _needs_hessian_estimator
+
+    assert _needs_hessian_estimator("lightning_optim.adahessian.AdaHessian")
+    assert _needs_hessian_estimator("lightning_optim.sophia.SophiaG")
+    assert not _needs_hessian_estimator("torch.optim.AdamW")
+    assert not _needs_hessian_estimator("no.such.Thing")

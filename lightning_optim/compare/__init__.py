@@ -221,18 +221,11 @@ def _load_config(path: str) -> dict[str, Any]:
 
 
 def _all_optimizers() -> list[str]:
-    """``--optimizers all``: every registered optimizer, AdamW first, except those needing Hessian-vector
-    products (a LightningModule's automatic optimization does a plain backward, without ``create_graph``)."""
+    """``--optimizers all``: every registered optimizer, AdamW first (the second-order ones run with the
+    ``HessianEstimator`` callback, which the runner adds)."""
     from lightning_optim import registry
 
-    entries = registry.optimizers()
-    skipped = [e.name for e in entries if e.needs_hvp]
-    if skipped:
-        print(
-            f"{PROG}: --optimizers all leaves out {', '.join(skipped)} (needs Hessian-vector products: "
-            "a create_graph backward the model must do itself; name them explicitly to include them)"
-        )
-    names = [e.name for e in entries if not e.needs_hvp]
+    names = [e.name for e in registry.optimizers()]
     return sorted(names, key=lambda n: n.lower() != "adamw")
 
 

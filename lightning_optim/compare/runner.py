@@ -134,6 +134,20 @@ def run_key(spec: RunSpec) -> str:
 # The config of one run
 
 
+def _needs_hessian_estimator(class_path: str) -> bool:
+    """Whether the optimizer at ``class_path`` takes its curvature estimate from ``HessianEstimator``."""
+    import importlib
+
+    from lightning_optim.hessian import HessianOptimizerMixin
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, HessianOptimizerMixin)
+
+
 def _as_callback_list(callbacks: Any) -> list[Any]:
     if callbacks is None:
         return []
@@ -186,6 +200,10 @@ def build_config(spec: RunSpec) -> dict[str, Any]:
     accumulate = trainer.get("accumulate_grad_batches") or 1
     dropped = _DROPPED_CALLBACKS + (_LOGGER_CALLBACKS if spec.tb_dir is None else ())
     callbacks = [c for c in _as_callback_list(trainer.get("callbacks")) if _callback_name(c) not in dropped]
+    if _needs_hessian_estimator(spec.class_path) and not any(
+        _callback_name(c) == "HessianEstimator" for c in callbacks
+    ):  # AdaHessian / Sophia train in Lightning with the callback that computes their curvature estimate
+        callbacks.append({"class_path": "lightning_optim.callbacks.HessianEstimator"})
     trainer.update(
         max_steps=spec.budget,
         max_epochs=-1,
