@@ -13,7 +13,9 @@ the raw EMA of g² (comparable to ``grad ** 2``, so SpikeAwareClipping may clip 
 first moment is Adam's EMA m ← β1·m + (1 − β1)·g with β1 = ``betas[0]`` (so AdaptiveMomentum may pre-mix
 it). For our optimizers the state facts come from the class's :class:`~lightning_optim._base.StateSpec`;
 defaults come from the constructor's signature, so they are never written twice. The shared base class
-``StepCountedOptimizer`` is abstract and not registered; every concrete optimizer built on it is.
+``StepCountedOptimizer`` and the matrix optimizers' ``MatrixOptimizer`` (lightning_optim/matrix.py) are abstract
+and not registered; every concrete optimizer built on them is. A flag is written only where it differs
+from :class:`OptimizerInfo`'s default.
 """
 
 from __future__ import annotations
@@ -247,12 +249,7 @@ register(
     aliases=(),  # "lamb" is the name itself
     compile=True,
     state_bits_8=True,
-    needs_closure=False,
-    needs_hvp=False,
     adam_first_moment=True,  # m <- b1*m + (1-b1)*g with b1 = betas[0] (of the clipped g when max_grad_norm is set)
-    accepts_inf=(),
-    total_steps_arg=None,
-    weight_decay_matters=True,
 )
 register(
     AdaBelief,
@@ -261,14 +258,9 @@ register(
     family="adam",
     compile=True,
     state_bits_8=True,
-    needs_closure=False,
-    needs_hvp=False,
     # m is Adam's EMA, but AdaptiveMomentum's metric reads exp_avg_sq (AdaBelief keeps s = EMA((g - m)^2) instead)
-    adam_first_moment=False,
+    adam_first_moment=False,  # (the default, kept explicit: see above)
     moments=2,  # exp_avg, exp_avg_var; max_exp_avg_var (a third) only with amsgrad=True
-    accepts_inf=(),
-    total_steps_arg=None,
-    weight_decay_matters=True,
 )
 register(
     AdamP,
@@ -276,12 +268,7 @@ register(
     family="adam",
     compile=True,
     state_bits_8=True,
-    needs_closure=False,
-    needs_hvp=False,
     adam_first_moment=True,  # m <- b1*m + (1-b1)*g with b1 = betas[0]; the projection acts on m/D, not on m
-    accepts_inf=(),
-    total_steps_arg=None,
-    weight_decay_matters=True,
 )
 register(
     EXAdam,
@@ -290,12 +277,7 @@ register(
     aliases=(),  # the snake name "exadam" is the lower-case name itself
     compile=True,
     state_bits_8=True,
-    needs_closure=False,
-    needs_hvp=False,
     adam_first_moment=True,  # m <- b1*m + (1-b1)*g with b1 = betas[0]; v is the raw EMA of g^2
-    accepts_inf=(),
-    total_steps_arg=None,
-    weight_decay_matters=True,
 )
 register(
     DualAdam,
@@ -304,12 +286,7 @@ register(
     family="adam",
     compile=True,
     state_bits_8=True,
-    needs_closure=False,
-    needs_hvp=False,
     adam_first_moment=True,  # m <- b1*m + (1-b1)*g with b1 = betas[0]; v is the raw EMA of g^2
-    accepts_inf=(),
-    total_steps_arg=None,
-    weight_decay_matters=True,
 )
 # sign methods
 register(
@@ -319,11 +296,7 @@ register(
     aliases=(),  # "lion" is the name itself
     compile=True,
     state_bits_8=True,
-    needs_closure=False,
-    needs_hvp=False,
     adam_first_moment=False,  # m is an EMA with beta2 = betas[1]; betas[0] only weights the signed interpolation
-    accepts_inf=(),
-    total_steps_arg=None,
     weight_decay_matters=True,  # the authors tune lr and weight decay together (3-10x AdamW's decay)
 )
 # SGD family
@@ -341,12 +314,6 @@ register(
     family="sgd",
     compile=True,
     state_bits_8=True,
-    needs_closure=False,
-    needs_hvp=False,
-    adam_first_moment=False,
-    accepts_inf=(),
-    total_steps_arg=None,
-    weight_decay_matters=True,
 )
 register(
     SGDSaI,
@@ -355,12 +322,7 @@ register(
     family="sgd",
     compile=True,
     state_bits_8=True,
-    needs_closure=False,
-    needs_hvp=False,
     adam_first_moment=False,  # m <- mu*m + (1-mu)*g with mu = momentum (no betas), first m = g
-    accepts_inf=(),
-    total_steps_arg=None,
-    weight_decay_matters=True,
 )
 # second-order (Hessian estimates)
 register(
@@ -370,12 +332,8 @@ register(
     family="second-order",
     compile=False,  # a step is dominated by the Hessian-vector product; the update stays eager
     state_bits_8=True,
-    needs_closure=False,
     needs_hvp=True,  # H z from a create_graph=True backward, or the HessianEstimator callback
     adam_first_moment=True,  # m <- b1*m + (1-b1)*g with b1 = betas[0]; v is the EMA of D^2, not of g^2
-    accepts_inf=(),
-    total_steps_arg=None,
-    weight_decay_matters=True,
 )
 register(
     SophiaH,
@@ -384,12 +342,8 @@ register(
     family="second-order",
     compile=True,
     state_bits_8=True,
-    needs_closure=False,
     needs_hvp=True,  # every update_every-th step: H z from a create_graph=True backward, or HessianEstimator
     adam_first_moment=True,  # m <- b1*m + (1-b1)*g with b1 = betas[0]
-    accepts_inf=(),
-    total_steps_arg=None,
-    weight_decay_matters=True,
 )
 register(
     SophiaG,
@@ -398,12 +352,8 @@ register(
     family="second-order",
     compile=True,
     state_bits_8=True,
-    needs_closure=False,
     needs_hvp=False,  # its estimate is an extra forward/backward on sampled labels (HessianEstimator), no HVP
     adam_first_moment=True,  # m <- b1*m + (1-b1)*g with b1 = betas[0]
-    accepts_inf=(),
-    total_steps_arg=None,
-    weight_decay_matters=True,
 )
 # matrix optimizers (a matrix rule plus an AdamW rule for the rest)
 register(
@@ -412,15 +362,9 @@ register(
     family="matrix",
     aliases=(),  # "muon" is the name itself
     compile=False,  # eager only: the Newton-Schulz matmuls dominate; no compiled step is offered
-    state_bits_8=False,
-    needs_closure=False,
-    needs_hvp=False,
     matrix_only=False,  # 0-/1-D tensors (and use_muon=False groups) take the built-in AdamW rule
     adam_first_moment=False,  # momentum_buffer is an EMA with mu = momentum (no betas) for the matrices
     moments=1,  # matrices keep momentum_buffer (4 B/param); AdamW-rule tensors keep exp_avg + exp_avg_sq
-    accepts_inf=(),
-    total_steps_arg=None,
-    weight_decay_matters=True,
 )
 register(
     NAMO,
@@ -428,16 +372,10 @@ register(
     family="matrix",
     aliases=(),  # "namo" is the name itself
     compile=False,  # eager only: the Newton-Schulz matmuls dominate
-    state_bits_8=False,
-    needs_closure=False,
-    needs_hvp=False,
     matrix_only=False,  # 0-/1-D tensors (and use_muon=False groups) take the built-in AdamW rule
     # momentum_buffer is an EMA with betas[0] for the matrices, but the AdamW-rule tensors keep exp_avg instead
-    adam_first_moment=False,
+    adam_first_moment=False,  # (the default, kept explicit: see above)
     moments=1,  # matrices: momentum_buffer (4 B/param) + one fp32 per matrix; AdamW-rule tensors: 2 moments
-    accepts_inf=(),
-    total_steps_arg=None,
-    weight_decay_matters=True,
 )
 register(
     NAMOD,
@@ -446,15 +384,9 @@ register(
     family="matrix",
     aliases=("namo_d", "namod"),
     compile=False,  # eager only: the Newton-Schulz matmuls dominate
-    state_bits_8=False,
-    needs_closure=False,
-    needs_hvp=False,
     matrix_only=False,  # 0-/1-D tensors (and use_muon=False groups) take the built-in AdamW rule
     adam_first_moment=False,  # as NAMO: the AdamW-rule tensors have no momentum_buffer
     moments=1,  # matrices: momentum_buffer (4 B/param) + one fp32 per column; AdamW-rule tensors: 2 moments
-    accepts_inf=(),
-    total_steps_arg=None,
-    weight_decay_matters=True,
 )
 register(
     SinkGD,
@@ -462,14 +394,9 @@ register(
     family="matrix",
     aliases=("sink_gd",),
     compile=False,  # eager only
-    state_bits_8=False,
-    needs_closure=False,
-    needs_hvp=False,
     matrix_only=False,  # 0-/1-D tensors (and use_muon=False groups) take the built-in AdamW rule
     adam_first_moment=False,  # the matrices are stateless; exp_avg exists only for the AdamW-rule tensors
     moments=0,  # matrices: no state (0 B/param); AdamW-rule tensors keep exp_avg + exp_avg_sq
-    accepts_inf=(),
-    total_steps_arg=None,
     weight_decay_matters=False,  # the paper trains without weight decay
 )
 register(
@@ -478,15 +405,8 @@ register(
     family="matrix",
     aliases=(),  # "soap" is the name itself
     foreach=True,  # element-wise stages multi-tensor; projections and refreshes per tensor
-    compile=False,
-    state_bits_8=False,
-    needs_closure=False,
-    needs_hvp=False,
     matrix_only=False,  # 1-D and 0-dim tensors are plain Adam inside SOAP
     adam_first_moment=False,  # exp_avg is Adam's EMA of g, but the Adam metric (exp_avg_sq) lives in the eigenbasis
-    accepts_inf=(),
-    total_steps_arg=None,
-    weight_decay_matters=True,
 )
 # low-rank projected state
 register(
@@ -495,17 +415,11 @@ register(
     family="low-rank",
     aliases=(),  # "galore" is the name itself
     compile=False,  # eager only: the per-matrix projections and the SVD refresh dominate
-    state_bits_8=False,
-    needs_closure=False,
-    needs_hvp=False,
     # exp_avg is Adam's EMA, but of the projected R (r x n or m x r), not in the parameter's shape
-    adam_first_moment=False,
+    adam_first_moment=False,  # (the default, kept explicit: see above)
     # AdamW fallback's 2 parameter-sized moments; a projected m x n matrix keeps 2*r*n + m*r floats (left)
     # or 2*m*r + n*r (right), r = min(rank, m, n) (GaLore docstring)
     moments=2,
-    accepts_inf=(),
-    total_steps_arg=None,
-    weight_decay_matters=True,
 )
 # Reference baselines (not ours: the fault contract does not cover them, the bench and examples use them).
 register(
