@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -182,13 +182,13 @@ class GaLore(StepCountedOptimizer):
         present = [k for k in self._moments if k in state]
         if present and (stale or any(tuple(state[k].shape) != expected for k in present)):
             warnings.warn(
-                f"GaLore: the moments of a {tuple(p.shape)} parameter do not match its projection "
+                f"{type(self).__name__}: the moments of a {tuple(p.shape)} parameter do not match its projection "
                 f"(rank={group['rank']}, proj_type={group['proj_type']!r}; e.g. moments converted from "
                 "another optimizer); they restart from zero.",
                 UserWarning,
                 stacklevel=4,
             )
-            for key in (*present, "projector"):
+            for key in (*present, *self.state_spec.buffers):
                 state.pop(key, None)
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
         if layout is None:
@@ -208,7 +208,7 @@ class GaLore(StepCountedOptimizer):
         for group in self.param_groups:
             first_index = index
             index += len(group["params"])
-            params = self._params_with_grad(group, "GaLore")
+            params = self._params_with_grad(group, type(self).__name__)
             if not params:
                 continue
             position = {id(p): first_index + i for i, p in enumerate(group["params"])}
@@ -230,15 +230,24 @@ class GaLore(StepCountedOptimizer):
                 layout = self._layout(p, group)
                 if layout is None:
                     continue
-                _galore_update(
-                    p,
-                    state,
-                    *layout,
-                    seed=projection_seed(step, position[id(p)]),
-                    update_proj_gap=group["update_proj_gap"],
-                    scale=group["scale"],
-                    **adam,
-                )
+                seed = projection_seed(step, position[id(p)])
+                self._update_matrix(p, state, *layout, group=group, seed=seed, adam=adam)
+
+    def _update_matrix(
+        self,
+        p: Tensor,
+        state: dict[str, Any],
+        side: Side,
+        r: int,
+        *,
+        group: dict[str, Any],
+        seed: int,
+        adam: dict[str, float],
+    ) -> None:
+        """One projected matrix's step; subclasses (NaturalGaLore, Fira) pass their hooks to :func:`_galore_update`."""
+        _galore_update(
+            p, state, side, r, seed=seed, update_proj_gap=group["update_proj_gap"], scale=group["scale"], **adam
+        )
 
 
 def _galore_update(
@@ -255,24 +264,40 @@ def _galore_update(
     beta2: float,
     eps: float,
     weight_decay: float,
+    owner: str = "GaLore",
+    transform: Callable[[Tensor, int], Tensor] | None = None,
+    residual: Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor] | None = None,
 ) -> None:
-    """One GaLore step of one matrix: refresh P when due, Adam on R = project(G), W ← W(1 − ηλ) − η·α·P N."""
+    """One GaLore step of one matrix: refresh P when due, Adam on R = project(G), W ← W(1 − ηλ) − η·α·P N.
+
+    The projected-Adam core shared with NaturalGaLore and Fira:
+
+    - ``transform(R, t)``: replaces R before the moments (NaturalGaLore's natural-gradient correction);
+    - ``residual(G, R, D, P, t)``: a further full-rank term E, applied as W ← W − η·E after the low-rank
+      update (Fira); D = M / (√V̂ + ε) is the Adam direction before the 1/(1 − β1^t) bias correction.
+    Without hooks this is GaLore, operation for operation.
+    """
     done = int(state["step"].item())  # CPU counter: no device sync
     state["step"] += 1
     t = done + 1
     p32, g32 = as_compute([param, param.grad])
     if "projector" not in state or done % update_proj_gap == 0:
         state["projector"] = refresh_projector(
-            g32.to(state_dtype(param)), r, side, previous=state.get("projector"), seed=seed, owner="GaLore"
+            g32.to(state_dtype(param)), r, side, previous=state.get("projector"), seed=seed, owner=owner
         )
     projector = state["projector"]
-    low_rank = project(g32.to(projector.dtype), projector, side)
+    grad = g32.to(projector.dtype)
+    low_rank = project(grad, projector, side)
+    moment_input = low_rank if transform is None else transform(low_rank, t)
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    adam_moments_(exp_avg, exp_avg_sq, low_rank, beta1, beta2)
+    adam_moments_(exp_avg, exp_avg_sq, moment_input, beta1, beta2)
     direction = exp_avg / adam_denom(exp_avg_sq, t, beta2, eps)
     update = project_back(direction, projector, side)
+    extra = None if residual is None else residual(grad, low_rank, direction, projector, t)
     decoupled_decay_(p32, lr, weight_decay)
     p32.add_(update.to(p32.dtype), alpha=-(lr * scale / (1 - beta1**t)))
+    if extra is not None:
+        p32.add_(extra.to(p32.dtype), alpha=-lr)
     write_back([param], [p32])
 
 
