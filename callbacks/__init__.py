@@ -16,6 +16,8 @@
   estimate (SophiaG) on the steps the optimizer asks for, inside Lightning's automatic optimization.
 - :class:`AdaptiveBatchSize`: AdAdaGrad's norm test on the micro-batch gradients grows the effective batch
   through ``accumulate_grad_batches``.
+- :class:`OneBitAdamDDP`: installs :class:`lightning_optim.OneBitAdam`'s DDP communication hook, so only
+  its 1-bit momentum exchange is communicated after the warm-up.
 - :class:`LRSafetyRadius`: the softmax safety ratio r = τ/ρ_a of each update (monitor) and a controller
   that shrinks updates with r > target (control), for any optimizer.
 
@@ -32,6 +34,7 @@ from lightning_optim.callbacks.dashboard import StabilityDashboard
 from lightning_optim.callbacks.hessian_estimator import HessianEstimator
 from lightning_optim.callbacks.lr_safety import LRSafetyRadius
 from lightning_optim.callbacks.momentum_reset import MomentumReset
+from lightning_optim.callbacks.onebit_ddp import OneBitAdamDDP
 from lightning_optim.callbacks.opposing_signals import OpposingSignals
 from lightning_optim.callbacks.perpendicular_grad import PerpendicularGrad
 from lightning_optim.callbacks.qat import QuantizationAwareTraining
@@ -47,6 +50,7 @@ __all__ = [
     "HessianEstimator",
     "LRSafetyRadius",
     "MomentumReset",
+    "OneBitAdamDDP",
     "OpposingSignals",
     "PerpendicularGrad",
     "QuantizationAwareTraining",

@@ -1,4 +1,4 @@
-"""NAMO and NAMO-D: orthogonalized momentum with Adam-type adaptive step sizes (docs/algorithms.md#namo)."""
+"""NAMO and NAMO-D: orthogonalized momentum with Adam-type adaptive step sizes (docs/algorithms.md#namo-and-namo-d)."""
 
 from __future__ import annotations
 

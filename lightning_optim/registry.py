@@ -32,20 +32,33 @@ from lightning_optim.adabelief import AdaBelief
 from lightning_optim.adahessian import AdaHessian
 from lightning_optim.adamp import SGDP, AdamP
 from lightning_optim.adaptive_momentum import AdaptiveMomentumAdamW, AdaptiveMomentumSGD
+from lightning_optim.apollo import APOLLO, APOLLOMini
+from lightning_optim.auon import AuON
+from lightning_optim.conda import Conda
+from lightning_optim.drop_muon import DropMuon
 from lightning_optim.dual_adam import DualAdam
+from lightning_optim.eco import ECO
 from lightning_optim.exadam import EXAdam
+from lightning_optim.fira import Fira
+from lightning_optim.fismo import FISMO
+from lightning_optim.frugal import FRUGAL
 from lightning_optim.galore import GaLore
 from lightning_optim.lamb import LAMB
 from lightning_optim.lion import Lion
 from lightning_optim.lowbit import BLOCK_SIZE
 from lightning_optim.muon import Muon
 from lightning_optim.namo import NAMO, NAMOD
+from lightning_optim.natural_galore import NaturalGaLore
+from lightning_optim.onebit_adam import OneBitAdam
+from lightning_optim.polargrad import PolarGrad
+from lightning_optim.scale import SCALE
 from lightning_optim.sgd_sai import SGDSaI
 from lightning_optim.sinkgd import SinkGD
 from lightning_optim.soap import SOAP
 from lightning_optim.sophia import SophiaG, SophiaH
 from lightning_optim.spam import SPAM
 from lightning_optim.stable_spam import StableSPAM
+from lightning_optim.swan import SWAN
 
 __all__ = ["OptimizerInfo", "build", "get", "info_for", "optimizers", "register", "table"]
 
@@ -408,6 +421,80 @@ register(
     matrix_only=False,  # 1-D and 0-dim tensors are plain Adam inside SOAP
     adam_first_moment=False,  # exp_avg is Adam's EMA of g, but the Adam metric (exp_avg_sq) lives in the eigenbasis
 )
+register(
+    AuON,
+    paper="Maity, AuON: A Linear-time Alternative to Semi-Orthogonal Momentum Updates (arXiv 2509.24320, 2025)",
+    family="matrix",
+    aliases=(),  # "auon" is the name itself
+    compile=False,  # eager only
+    matrix_only=False,  # 0-/1-D tensors (and use_muon=False groups) take the built-in AdamW rule
+    adam_first_moment=False,  # momentum_buffer is an EMA with mu = momentum (no betas); AdamW tensors keep exp_avg
+    moments=1,  # matrices: momentum_buffer (4 B/param); AdamW-rule tensors: exp_avg + exp_avg_sq
+)
+register(
+    PolarGrad,
+    paper="Lau, Long & Su, PolarGrad: A Class of Matrix-Gradient Optimizers from a Unifying Preconditioning Perspective (arXiv 2505.21799, 2025)",
+    family="matrix",
+    aliases=("polar_grad",),
+    compile=False,  # eager only: QR/Cholesky (QDWH) dominate
+    matrix_only=False,  # 0-/1-D tensors (and use_muon=False groups) take the built-in AdamW rule
+    adam_first_moment=False,  # momentum_buffer is an EMA with mu = momentum (no betas)
+    moments=1,  # matrices: momentum_buffer (4 B/param); AdamW-rule tensors: exp_avg + exp_avg_sq
+)
+register(
+    SWAN,
+    paper="Ma, Gong, Scetbon & Meeds, SWAN: SGD with Normalization and Whitening Enables Stateless LLM Training, ICML 2025 (arXiv 2412.13148)",
+    family="matrix",
+    aliases=(),  # "swan" is the name itself
+    compile=False,  # eager only
+    matrix_only=False,  # 0-/1-D tensors (and use_muon=False groups) take the built-in AdamW rule
+    adam_first_moment=False,  # the matrices are stateless; exp_avg exists only for the AdamW-rule tensors
+    moments=0,  # matrices: no state (0 B/param); AdamW-rule tensors keep exp_avg + exp_avg_sq
+    weight_decay_matters=False,  # the paper trains without weight decay
+)
+register(
+    Conda,
+    paper="Wang et al., Conda: Column-Normalized Adam for Training Large Language Models Faster (arXiv 2509.24218, 2025)",
+    family="matrix",
+    aliases=(),  # "conda" is the name itself
+    compile=False,  # eager only: the per-matrix SVD refresh and rotations dominate
+    matrix_only=False,  # 0-/1-D tensors (and use_muon=False groups) take the built-in AdamW rule
+    # exp_avg is Adam's EMA of g (betas[0]) in the parameter's own basis for matrices and AdamW tensors alike
+    adam_first_moment=True,
+    # matrices: exp_avg + exp_avg_sq (parameter-sized) + a k x k projector, k = min(m, n); AdamW tensors: 2 moments
+    moments=2,
+)
+register(
+    SCALE,
+    paper="Glentis, Li, Han & Hong, A Minimalist Optimizer Design for LLM Pretraining (arXiv 2506.16659, 2025)",
+    family="matrix",
+    aliases=(),  # "scale" is the name itself
+    compile=False,  # eager only
+    matrix_only=False,  # 0-/1-D tensors (and use_muon=False groups) take the built-in AdamW rule
+    adam_first_moment=False,  # momentum_buffer (last layer only) is an EMA with `momentum` (no betas)
+    moments=0,  # matrices: none, except the last layer's momentum_buffer (4 B/param); AdamW tensors: 2 moments
+    weight_decay_matters=False,  # the authors train without weight decay
+)
+register(
+    DropMuon,
+    paper="Gruntkowska, Maziane, Qu & Richtárik, Drop-Muon: Update Less, Converge Faster (arXiv 2510.02239, 2025)",
+    family="matrix",
+    aliases=("drop_muon",),
+    compile=False,  # eager only: Muon's Newton-Schulz matmuls dominate
+    matrix_only=False,  # 0-/1-D tensors (and use_muon=False groups) take the built-in AdamW rule
+    adam_first_moment=False,  # momentum_buffer is an EMA with mu = momentum (no betas) for the matrices
+    moments=1,  # matrices keep momentum_buffer (4 B/param); AdamW-rule tensors keep exp_avg + exp_avg_sq
+)
+register(
+    FISMO,
+    paper="Xu, Yan & Zhang, FISMO: Fisher-Structured Momentum-Orthogonalized Optimizer (arXiv 2601.21750, 2026)",
+    family="matrix",
+    aliases=(),  # "fismo" is the name itself
+    compile=False,  # eager only: eigendecompositions and Newton-Schulz per step
+    matrix_only=False,  # 0-/1-D tensors (and use_muon=False groups) take the built-in AdamW rule
+    adam_first_moment=False,  # momentum_buffer is an EMA (with momentum) of the whitened gradient
+    moments=1,  # matrices: momentum_buffer (4 B/param) + factors P (m x m), Q (n x n); AdamW-rule tensors: 2 moments
+)
 # low-rank projected state
 register(
     GaLore,
@@ -420,6 +507,84 @@ register(
     # AdamW fallback's 2 parameter-sized moments; a projected m x n matrix keeps 2*r*n + m*r floats (left)
     # or 2*m*r + n*r (right), r = min(rank, m, n) (GaLore docstring)
     moments=2,
+)
+register(
+    NaturalGaLore,
+    paper="Das, Natural GaLore: Accelerating GaLore for memory-efficient LLM Training and Fine-tuning, 2024 (arXiv 2410.16029)",
+    family="low-rank",
+    aliases=("natural_galore",),
+    compile=False,  # eager only: per-matrix projections, the SVD refresh and an s x s Cholesky per matrix
+    adam_first_moment=False,  # exp_avg is the EMA of the natural gradient of R, in R's shape
+    # AdamW fallback's 2 moments; a projected m x n matrix keeps (2 + s)*r*n + m*r floats (left) or
+    # (2 + s)*m*r + n*r (right), r = min(rank, m, n), s = natural_history (NaturalGaLore docstring)
+    moments=2,
+)
+register(
+    Fira,
+    paper="Chen et al., Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank Constraint?, 2024 (arXiv 2410.01623)",
+    family="low-rank",
+    aliases=(),  # "fira" is the name itself
+    compile=False,  # eager only: per-matrix projections and the SVD refresh dominate
+    adam_first_moment=False,  # exp_avg is Adam's EMA of the projected R, not in the parameter's shape
+    # AdamW fallback's 2 moments; a projected m x n matrix keeps 2*r*n + m*r + 1 floats (left) or
+    # 2*m*r + n*r + 1 (right), r = min(rank, m, n) (Fira docstring)
+    moments=2,
+)
+register(
+    APOLLO,
+    paper="Zhu et al., APOLLO: SGD-like Memory, AdamW-level Performance, MLSys 2025 (arXiv 2412.05270)",
+    family="low-rank",
+    aliases=(),  # "apollo" is the name itself
+    compile=False,  # eager only: per-matrix projections and norms dominate
+    adam_first_moment=False,  # exp_avg is Adam's EMA of the projected R (m x r or r x n), not of g
+    # AdamW fallback's 2 parameter-sized moments; a projected m x n matrix keeps 2*m*r + n*r + 1 floats
+    # (right) or 2*r*n + m*r + 1 (left), r = min(rank, m, n) (APOLLO docstring)
+    moments=2,
+)
+register(
+    APOLLOMini,
+    name="APOLLO-Mini",
+    paper="Zhu et al., APOLLO: SGD-like Memory, AdamW-level Performance, MLSys 2025 (arXiv 2412.05270), rank-1 tensor-wise variant",
+    family="low-rank",
+    aliases=("apollo_mini", "apollomini"),
+    compile=False,  # eager only
+    adam_first_moment=False,  # as APOLLO: exp_avg is the EMA of the rank-1 projection
+    # AdamW fallback's 2 moments; a projected m x n matrix keeps 2*m + n + 1 floats (right) or 2*n + m + 1 (left)
+    moments=2,
+)
+register(
+    FRUGAL,
+    paper="Zmushko et al., FRUGAL: Memory-Efficient Optimization by Reducing State Overhead for Scalable Training, ICML 2025 (arXiv 2411.07837)",
+    family="low-rank",
+    aliases=(),  # "frugal" is the name itself
+    compile=False,  # eager only: per-matrix subspace steps
+    adam_first_moment=False,  # exp_avg exists only for the state-full part (full shape for an active block)
+    # AdamW fallback's 2 moments; a 2-D matrix keeps 2 moments only in its state-full part: on average
+    # 8*density bytes/entry (block, columns) or 4*(2*m*r + n*r) bytes, r = round(density*n) (svd/random, right)
+    moments=2,
+)
+# low-bit weights (no full-precision master copy)
+register(
+    ECO,
+    paper="Nikdan, Zandieh, Alistarh & Mirrokni, ECO: Quantized Training without Full-Precision Master Weights (arXiv 2601.22101, 2026)",
+    family="low-bit",  # new family: weights kept on an int8/int4/fp8 grid, error fed back into the momentum
+    aliases=("eco_adamw",),  # "eco" is the name itself
+    compile=False,  # eager only: the per-row quantization and its seeded rounding draws run per tensor
+    state_bits_8=False,  # the moments stay fp32 (the paper's); the weights are what is low-bit
+    # exp_avg is Adam's EMA plus the injected quantization error (b1/lr)(1 - 1/b1) D e: not the plain EMA
+    adam_first_moment=False,
+)
+# communication-compressed (DDP)
+register(
+    OneBitAdam,
+    paper="Tang et al., 1-bit Adam: Communication Efficient Large-Scale Training with Adam's Convergence Speed, ICML 2021 (arXiv 2102.02888)",
+    family="adam",
+    aliases=("onebit_adam", "one_bit_adam", "1bit_adam"),
+    compile=False,  # (the default) eager only: after the warm-up the step is a compressed all-reduce
+    # m is Adam's EMA during the warm-up only; afterwards exp_avg is replaced by the all-gathered
+    # decompressed average, not this rank's EMA of g
+    adam_first_moment=False,  # (the default, kept explicit: see above)
+    moments=2,  # exp_avg + exp_avg_sq; after freeze_step also worker_error (n) + server_error (n/W) floats
 )
 # Reference baselines (not ours: the fault contract does not cover them, the bench and examples use them).
 register(

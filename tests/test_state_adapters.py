@@ -251,7 +251,8 @@ OURS = [e for e in lightning_optim.optimizers(ours=True) if not e.needs_hvp]  # 
 @pytest.mark.parametrize("info", OURS, ids=lambda e: e.name)
 def test_our_optimizers(info):
     """Every registered optimizer of ours: the adapter reads the StateSpec's first and second moment, a
-    masked-off reset changes nothing, a reset zeroes every moment (+0.0) and keeps counters and scalars."""
+    masked-off reset changes nothing, a reset zeroes every moment (+0.0) and the buffers its adapter declares
+    as moment-like (``also_reset``: Natural GaLore's gradient history), and keeps counters and scalars."""
     spec = info.cls.state_spec
     first_key, second_key = spec.first_moment, spec.second_moment
     model = _model()
@@ -263,12 +264,13 @@ def test_our_optimizers(info):
         # an optimizer with two rules (Muon's matrix and AdamW parts) keeps only its rule's moments
         assert adapter.first_moment(state) is (state.get(first_key) if first_key else None)
         assert adapter.second_moment(state) is (state.get(second_key) if second_key else None)
-        kept = {k: v.clone() for k, v in state.items() if k not in spec.moments and isinstance(v, torch.Tensor)}
+        zeroed = (*spec.moments, *getattr(adapter, "also_reset", ()))
+        kept = {k: v.clone() for k, v in state.items() if k not in zeroed and isinstance(v, torch.Tensor)}
         before = _snapshot(opt)
         adapter.reset_(state, mask=torch.tensor(False))
         _assert_bit_identical(before, _snapshot(opt))
         adapter.reset_(state)
-        for key in spec.moments:
+        for key in zeroed:
             if key in state:
                 assert _is_pos_zero(state[key]), key
         for k, v in kept.items():  # step counters and per-tensor statistics (StableSPAM's m_max, ...)
