@@ -18,10 +18,16 @@ from lightning_optim import registry
 # with the callback that averages their estimate across ranks)
 INFOS = [e for e in registry.optimizers(ours=True) if not e.needs_hvp]
 NAMES = tuple(e.name for e in INFOS)
+STEPS = 20  # optimizer steps of each optimizer (training batches)
 # short runs: settings that make each optimizer's schedule events (resets, warm-ups) happen within 20 steps
 OVERRIDES = {
     "SPAM": dict(reset_interval=10, warmup_steps=3, clip_delay=2),
     "StableSPAM": dict(reset_interval=8),
+    # projections refreshed (GaLore's SVD, APOLLO's seeded random matrices, FRUGAL's subspace) within the run
+    **{name: dict(update_proj_gap=6) for name in ("GaLore", "NaturalGaLore", "Fira", "APOLLO", "APOLLO-Mini", "Conda")},
+    "FRUGAL": dict(update_gap=6),
+    # the 1-bit compressed momentum exchange from step 11 on (DDP still all-reduces the gradients: no hook)
+    "OneBitAdam": dict(freeze_step=10),
 }
 
 
@@ -49,7 +55,7 @@ class OneNetPerOptimizer(pl.LightningModule):
 
     def configure_optimizers(self):
         return [
-            registry.build(info.name, net.parameters(), total_steps=20, **OVERRIDES.get(info.name, {}))
+            registry.build(info.name, net.parameters(), total_steps=STEPS, **OVERRIDES.get(info.name, {}))
             for info, net in zip(INFOS, self.nets)
         ]
 
@@ -62,13 +68,18 @@ class OneNetPerOptimizer(pl.LightningModule):
     def on_train_end(self) -> None:
         torch.save(self._flat(), Path(self.out) / f"rank{self.global_rank}.pt")
         torch.save(self.initial, Path(self.out) / "initial.pt")
+        steps = {info.name: opt.optimizer.param_groups[0]["global_step"] for info, opt in zip(INFOS, self.optimizers())}
+        torch.save(steps, Path(self.out) / f"steps{self.global_rank}.pt")
 
 
 def main(out: str) -> None:
     gen = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(256, 6, generator=gen), torch.randn(256, 3, generator=gen))
+    # in manual optimization Lightning counts every optimizer.step() call towards max_steps: 20 batches, so
+    # each optimizer takes 20 steps (the spike at batch 7 and the SPAM/StableSPAM resets included)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=20, logger=False, enable_checkpointing=False,
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=STEPS * len(INFOS), logger=False,
+        enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(OneNetPerOptimizer(out), DataLoader(data, batch_size=8))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ddp_callbacks_script import FAULTS
-from ddp_script import NAMES
+from ddp_script import NAMES, STEPS
 
 
 def _run(script_name: str, out: Path, *args: str) -> None:
@@ -31,6 +31,8 @@ def test_ddp_two_ranks_keep_identical_parameters(tmp_path: Path) -> None:
     rank1 = torch.load(tmp_path / "rank1.pt")
     initial = torch.load(tmp_path / "initial.pt")
     assert set(rank0) == set(NAMES)
+    for rank in (0, 1):  # every optimizer took its STEPS steps (Lightning counts each optimizer's step)
+        assert torch.load(tmp_path / f"steps{rank}.pt") == dict.fromkeys(NAMES, STEPS)
     for name in NAMES:
         assert torch.isfinite(rank0[name]).all(), name
         assert not torch.equal(rank0[name], initial[name]), f"{name} did not move"
