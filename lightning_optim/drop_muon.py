@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from lightning_optim.matrix import gathered_source
 from lightning_optim.muon import Muon
 from lightning_optim.projection import projection_seed
 from lightning_optim.validation import check_choice
@@ -214,7 +215,8 @@ class DropMuon(Muon):
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], states: list[dict[str, Any]], foreach: bool
     ) -> None:
         if self._active is not None:
-            keep = [i for i, p in enumerate(params) if id(p) in self._active]
+            # under FSDP2 the base class passes gathered full copies: look up the sharded parameter
+            keep = [i for i, p in enumerate(params) if id(gathered_source(p)) in self._active]
             if not keep:
                 return
             params = [params[i] for i in keep]

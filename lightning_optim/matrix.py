@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -34,7 +35,11 @@ __all__ = [
     "HEAD_NAMES",
     "MatrixOptimizer",
     "batched_views",
+    "GATHER_CHUNK_NUMEL",
     "frobenius_norms",
+    "gathered_matrix_step",
+    "gathered_source",
+    "is_dtensor",
     "matrix_param_groups",
     "matrix_shape",
     "matrix_view",
@@ -423,7 +428,10 @@ class MatrixOptimizer(StepCountedOptimizer):
             foreach = self._use_foreach(group, params)
             grads = [p.grad for p in params]
             if group["use_muon"]:
-                self._matrix_step(group, params, grads, states, foreach)
+                if any(is_dtensor(p) for p in params):  # FSDP2/DTensor shards: gather each matrix (gathered_matrix_step)
+                    gathered_matrix_step(self, group, params, grads, states, foreach)
+                else:
+                    self._matrix_step(group, params, grads, states, foreach)
             else:
                 fn = adamw_foreach if foreach else adamw_single_tensor
                 beta1, beta2 = group["betas"]
@@ -491,3 +499,130 @@ def split_spec(spec: StateSpec, matrix_moments: Iterable[str]) -> tuple[StateSpe
     matrix = dataclasses.replace(spec, moments={k: spec.moments[k] for k in matrix_moments})
     adamw = dataclasses.replace(spec, moments={"exp_avg": True, "exp_avg_sq": False})
     return matrix, adamw
+
+
+# -- FSDP2 / DTensor: each matrix gathered for the matrix rule ---------------------------------------------------
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (what FSDP2's ``fully_shard`` makes of parameters).
+
+    Free for plain tensors: no DTensor can exist before ``torch.distributed.tensor`` is imported, so the
+    module is looked up in ``sys.modules`` instead of being imported.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def gathered_source(t: Tensor) -> Tensor:
+    """The DTensor parameter a full copy made by :func:`gathered_matrix_step` stands for (``t`` itself otherwise).
+
+    For a matrix rule that keys something on the identity of the parameters it is given (``id(p)``).
+    """
+    return getattr(t, "_lightning_optim_source", t)
+
+
+def _local_shard(full: Tensor, like: Any) -> Tensor:
+    """This rank's local part of the plain ``full`` tensor, in the layout (mesh, placements) of DTensor ``like``.
+
+    Replicate → Shard is a local slice (the same chunks, uneven ones included, that ``distribute_tensor``
+    gives): no communication.
+    """
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = like.device_mesh
+    replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return replicated.redistribute(mesh, like.placements).to_local()
+
+
+def _full(t: Any) -> Any:
+    return t.detach().full_tensor() if is_dtensor(t) else t
+
+
+#: the most elements of full (gathered) parameters :func:`gathered_matrix_step` holds at once: the matrices of a
+#: group are gathered and stepped in consecutive chunks of at most this many elements (at least one matrix each),
+#: so a rank's peak extra memory is about (2 + state tensors) × this many elements, not the whole unsharded group
+GATHER_CHUNK_NUMEL: int = 1 << 26
+
+
+def gathered_matrix_step(
+    opt: MatrixOptimizer,
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    foreach: bool,
+) -> None:
+    """One matrix-rule step of ``opt`` for a group holding DTensor parameters (FSDP2 ``fully_shard``, sharded on dim 0).
+
+    The "gather" design: for each DTensor parameter, the full parameter, its gradient and every DTensor of
+    its state are all-gathered (``full_tensor()``), so every rank holds the same full matrices; the
+    subclass's :meth:`MatrixOptimizer._matrix_step` runs on those plain tensors unchanged (the
+    orthogonalization is computed redundantly, identically, on every rank); then each rank copies its local
+    shard of the new parameter and of each DTensor state back (a local slice, no communication). State that
+    is not a DTensor (CPU ``step`` counters, per-matrix scalars, factor matrices the rule creates with the
+    full shape) passes through; entries the rule adds or replaces are kept as it left them (plain tensors,
+    the same on every rank). Cost: one all-gather per DTensor parameter, gradient and state tensor per step.
+
+    During the call each full copy carries its gradient in ``.grad`` and :func:`gathered_source` maps it to
+    its parameter, and ``opt.param_groups`` list the full copies in place of the parameters (rules that
+    enumerate the param groups, e.g. Conda's per-position seeds, find the tensors they are given); the
+    groups are restored afterwards, also when the rule raises.
+
+    The parameters are taken in consecutive chunks of at most :data:`GATHER_CHUNK_NUMEL` elements (one
+    ``_matrix_step`` call each, so a foreach path batches same-shaped matrices within a chunk): every matrix
+    rule here is per matrix, so the chunking changes only the peak memory (and which same-shaped matrices a
+    foreach path stacks together).
+    """
+    chunk: list[int] = []
+    numel = 0
+    for i, p in enumerate(params):
+        if chunk and numel + p.numel() > GATHER_CHUNK_NUMEL:
+            _gathered_chunk(opt, group, *_pick(chunk, params, grads, states), foreach)
+            chunk, numel = [], 0
+        chunk.append(i)
+        numel += p.numel()
+    _gathered_chunk(opt, group, *_pick(chunk, params, grads, states), foreach)
+
+
+def _pick(index: list[int], *lists: list[Any]) -> tuple[list[Any], ...]:
+    return tuple([items[i] for i in index] for items in lists)
+
+
+def _gathered_chunk(
+    opt: MatrixOptimizer,
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    foreach: bool,
+) -> None:
+    """:func:`gathered_matrix_step` for one chunk: gather, run the matrix rule on full tensors, write the shards back."""
+    full_params = [_full(p) for p in params]
+    full_grads = [_full(g) for g in grads]
+    full_states = [{key: _full(value) for key, value in state.items()} for state in states]
+    swap: dict[int, Tensor] = {}
+    for p, fp, fg in zip(params, full_params, full_grads):
+        if fp is not p:
+            if fg.dtype == fp.dtype and fg.shape == fp.shape:  # (a reduce_dtype other than the parameter's: not set)
+                fp.grad = fg
+            fp._lightning_optim_source = p  # type: ignore[attr-defined]
+            swap[id(p)] = fp
+    saved = [g["params"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["params"] = [swap.get(id(q), q) for q in g["params"]]
+    try:
+        opt._matrix_step(group, full_params, full_grads, full_states, foreach)
+    finally:
+        for g, kept in zip(opt.param_groups, saved):
+            g["params"] = kept
+    for p, fp, state, full_state in zip(params, full_params, states, full_states):
+        if fp is not p:
+            p.to_local().copy_(_local_shard(fp, p))
+            fp.grad = None
+        for key in [k for k in state if k not in full_state]:
+            del state[key]
+        for key, value in full_state.items():
+            old = state.get(key)
+            if is_dtensor(old):
+                old.to_local().copy_(_local_shard(value, old))
+            elif value is not old:
+                state[key] = value
