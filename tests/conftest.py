@@ -8,6 +8,12 @@ from collections.abc import Callable
 import pytest
 import torch
 
+# One intra-op thread for the whole suite: its tensors are tiny, and the README runs it on two xdist workers on
+# two cores, where each worker's default two OpenMP threads oversubscribe the machine and spin on each other
+# (Lightning fits of the digits MLP measured 5-10x slower that way). Subprocesses (the DDP tests) set
+# OMP_NUM_THREADS=1 themselves.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
@@ -20,8 +26,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 def one_thread():
-    """Run a test with one intra-op thread: on tiny tensors on a busy 2-core machine extra threads only add
-    synchronisation (steps up to 100x slower)."""
+    """Run a test with one intra-op thread (the suite's default, see above; kept for tests that must not
+    depend on it): on tiny tensors on a busy 2-core machine extra threads only add synchronisation."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
