@@ -295,6 +295,34 @@ PO_TWINS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+class MatrixPlusAdamW:
+    """torch's Muon on the 2-D tensors and fused AdamW on the rest, stepped together (torch.optim.Muon
+    accepts only 2-D parameters; ours and pytorch_optimizer's split inside one optimizer)."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        matrices = [p for p in params if p.dim() == 2]
+        rest = [p for p in params if p.dim() != 2]
+        self.parts = [torch.optim.Muon(matrices, lr=0.02, weight_decay=WEIGHT_DECAY)]
+        if rest:
+            self.parts.append(torch.optim.AdamW(rest, lr=LR, weight_decay=WEIGHT_DECAY, fused=True))
+
+    @property
+    def state(self) -> dict[Any, Any]:
+        return {k: v for part in self.parts for k, v in part.state.items()}
+
+    def step(self) -> None:
+        for part in self.parts:
+            part.step()
+
+
+def use_muon_groups(params: list[torch.nn.Parameter]) -> list[dict[str, Any]]:
+    """pytorch_optimizer's Muon wants the split as ``use_muon`` groups: 2-D tensors vs the rest."""
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "use_muon": True},
+        {"params": [p for p in params if p.dim() < 2], "use_muon": False},
+    ]
+
+
 def build_candidates(entries: Iterable[OptimizerInfo] | None = None) -> dict[str, dict[str, Any]]:
     """Every candidate in run order: torch AdamW baselines, ours (32-bit), pytorch_optimizer, 8-bit (ours,
     then bitsandbytes), then the compiled ones (their compiles take longest, so a time limit cuts them first)."""
@@ -346,6 +374,22 @@ def build_candidates(entries: Iterable[OptimizerInfo] | None = None) -> dict[str
     }
     # pytorch_optimizer's ports of the other optimizers we implement, with its decoupled weight decay (the
     # mapping of each is in the optimizer's test file); timm's are not benchmarked: timm pulls a CUDA torch
+    # the matrix family's references: torch's Muon, pytorch_optimizer's Muon / SOAP / Conda
+    third_party["torch_muon"] = _candidate(
+        "torch.optim.Muon (2-D) + AdamW(fused) (rest)", MatrixPlusAdamW,
+        available=_needs_import("torch.optim", "Muon"),
+    )
+    third_party["po_muon"] = _candidate(
+        "pytorch_optimizer.Muon",
+        lambda ps: _import("pytorch_optimizer", "Muon")(use_muon_groups(ps), lr=0.02, weight_decay=WEIGHT_DECAY),
+        available=_needs_import("pytorch_optimizer", "Muon"),
+    )
+    for name, cls_name in (("soap", "SOAP"), ("conda", "Conda")):
+        third_party[f"po_{name}"] = _candidate(
+            f"pytorch_optimizer.{cls_name}",
+            lambda ps, cls_name=cls_name: _import("pytorch_optimizer", cls_name)(ps, lr=LR, weight_decay=WEIGHT_DECAY),
+            available=_needs_import("pytorch_optimizer", cls_name),
+        )
     for name, (cls_name, kwargs) in PO_TWINS.items():
         third_party[f"po_{name}"] = _candidate(
             f"pytorch_optimizer.{cls_name}",
