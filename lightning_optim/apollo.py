@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -13,12 +12,12 @@ from torch import Tensor
 
 from lightning_optim._base import StepCountedOptimizer, as_compute, state_dtype, write_back
 from lightning_optim.functional import adam_moments_, adam_step_, adam_step_foreach_, decoupled_decay_, safe_norms
+from lightning_optim.galore import init_projected_state
 from lightning_optim.projection import (
     PROJ_TYPES,
     ProjectedStateSpec,
     Side,
     gaussian_projection,
-    moment_shape,
     project,
     projection_layout,
     projection_seed,
@@ -199,42 +198,11 @@ class APOLLO(StepCountedOptimizer):
         return projection_layout(p.shape, group["rank"], group["proj_type"])
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        """AdamW's state for unprojected parameters (the base class); R-shaped moments for projected ones.
-
-        Moments that do not match the parameter's layout (a torch AdamW state converted by
-        ``load_state_dict``, or a changed ``rank``/``proj_type``) restart from zero with a warning.
-        """
+        """AdamW's state for unprojected parameters (the base class); R-shaped moments for projected ones,
+        as GaLore's (:func:`lightning_optim.galore.init_projected_state`), plus the limiter's last norm."""
         layout = self._layout(p, group)
-        state = self.state[p]
-        if layout is None:
-            expected, stale = tuple(p.shape), "projector" in state
-        else:
-            side, r = layout
-            expected = moment_shape(p.shape, side, r)
-            projector = state.get("projector")
-            stale = projector is None or tuple(projector.shape) != projector_shape(p.shape, side, r)
-        present = [k for k in self._moments if k in state]
-        if present and (stale or any(tuple(state[k].shape) != expected for k in present)):
-            warnings.warn(
-                f"{self._owner}: the moments of a {tuple(p.shape)} parameter do not match its projection "
-                f"(rank={group['rank']}, proj_type={group['proj_type']!r}; e.g. moments converted from "
-                "another optimizer); they restart from zero.",
-                UserWarning,
-                stacklevel=4,
-            )
-            for key in (*present, *self.state_spec.buffers):
-                state.pop(key, None)
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        if layout is None:
-            return super()._init_state(p, group)
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        elif state["step"].device.type != "cpu":  # moved by Lightning's _optimizer_to_device on resume
-            state["step"] = state["step"].to("cpu")
-        for key in self._moments:
-            if key not in state:
-                state[key] = torch.zeros(expected, dtype=state_dtype(p), device=p.device)
-        if "limiter_norm" not in state:
+        state = init_projected_state(self, p, group, layout, self._owner, super()._init_state)
+        if layout is not None and "limiter_norm" not in state:
             state["limiter_norm"] = torch.zeros((), dtype=state_dtype(p), device=p.device)
         return state
 

@@ -7,7 +7,6 @@ import random
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
-import torch
 from torch import Tensor
 
 from lightning_optim.matrix import gathered_source

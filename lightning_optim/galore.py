@@ -164,43 +164,9 @@ class GaLore(StepCountedOptimizer):
         return projection_layout(p.shape, group["rank"], group["proj_type"])
 
     def _init_state(self, p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
-        """The state of ``p``: AdamW's for unprojected parameters (the base class), R-shaped moments else.
-
-        Moments that do not belong to the parameter's current layout (a torch AdamW state converted by
-        ``load_state_dict``, or a group whose ``rank``/``proj_type`` changed) restart from zero with their
-        step count, with a warning: moments of another basis carry no usable information.
-        """
-        layout = self._layout(p, group)
-        state = self.state[p]
-        if layout is None:
-            expected, stale = tuple(p.shape), "projector" in state
-        else:
-            side, r = layout
-            expected = moment_shape(p.shape, side, r)
-            projector = state.get("projector")
-            stale = projector is None or tuple(projector.shape) != projector_shape(p.shape, side, r)
-        present = [k for k in self._moments if k in state]
-        if present and (stale or any(tuple(state[k].shape) != expected for k in present)):
-            warnings.warn(
-                f"{type(self).__name__}: the moments of a {tuple(p.shape)} parameter do not match its projection "
-                f"(rank={group['rank']}, proj_type={group['proj_type']!r}; e.g. moments converted from "
-                "another optimizer); they restart from zero.",
-                UserWarning,
-                stacklevel=4,
-            )
-            for key in (*present, *self.state_spec.buffers):
-                state.pop(key, None)
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        if layout is None:
-            return super()._init_state(p, group)
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        elif state["step"].device.type != "cpu":  # moved by Lightning's _optimizer_to_device on resume
-            state["step"] = state["step"].to("cpu")
-        for key in self._moments:
-            if key not in state:
-                state[key] = torch.zeros(expected, dtype=state_dtype(p), device=p.device)
-        return state
+        """The state of ``p``: AdamW's for unprojected parameters (the base class), R-shaped moments else
+        (:func:`init_projected_state`)."""
+        return init_projected_state(self, p, group, self._layout(p, group), type(self).__name__, super()._init_state)
 
     # -- stepping -----------------------------------------------------------------------------------
     def _step(self, step: int) -> None:
@@ -249,6 +215,64 @@ class GaLore(StepCountedOptimizer):
             p, state, side, r, seed=seed, update_proj_gap=group["update_proj_gap"], scale=group["scale"], **adam
         )
 
+
+
+def init_projected_state(
+    optimizer: StepCountedOptimizer,
+    p: Tensor,
+    group: dict[str, Any],
+    layout: tuple[Side, int] | None,
+    owner: str,
+    unprojected_init: Callable[[Tensor, dict[str, Any]], dict[str, Any]],
+) -> dict[str, Any]:
+    """The state of ``p`` for a projected-moment optimizer (GaLore and the methods built like it).
+
+    ``layout`` None: the parameter is not projected and takes ``unprojected_init`` (the base class's
+    AdamW state). Else its moments have R's shape (:func:`lightning_optim.projection.moment_shape`) and
+    ``step`` is a CPU counter. Moments that do not belong to the parameter's current layout (a torch AdamW
+    state converted by ``load_state_dict``, or a group whose ``rank``/``proj_type`` changed) restart from
+    zero with their step count, with a warning: moments of another basis carry no usable information; the
+    spec's buffers (projector, ...) are dropped with them.
+
+    Args:
+        optimizer: the optimizer (its ``state``, ``state_spec`` and moment keys).
+        p: the parameter.
+        group: its param group (``rank``, ``proj_type`` for the warning).
+        layout: (side, r) of a projected parameter, or None.
+        owner: the optimizer's name in the warning.
+        unprojected_init: the state builder for parameters without a projection.
+    """
+    state = optimizer.state[p]
+    if layout is None:
+        expected, stale = tuple(p.shape), "projector" in state
+    else:
+        side, r = layout
+        expected = moment_shape(p.shape, side, r)
+        projector = state.get("projector")
+        stale = projector is None or tuple(projector.shape) != projector_shape(p.shape, side, r)
+    moments = optimizer._moments
+    present = [k for k in moments if k in state]
+    if present and (stale or any(tuple(state[k].shape) != expected for k in present)):
+        warnings.warn(
+            f"{owner}: the moments of a {tuple(p.shape)} parameter do not match its projection "
+            f"(rank={group['rank']}, proj_type={group['proj_type']!r}; e.g. moments converted from "
+            "another optimizer); they restart from zero.",
+            UserWarning,
+            stacklevel=5,
+        )
+        for key in (*present, *optimizer.state_spec.buffers):
+            state.pop(key, None)
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    if layout is None:
+        return unprojected_init(p, group)
+    if "step" not in state:
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    elif state["step"].device.type != "cpu":  # moved by Lightning's _optimizer_to_device on resume
+        state["step"] = state["step"].to("cpu")
+    for key in moments:
+        if key not in state:
+            state[key] = torch.zeros(expected, dtype=state_dtype(p), device=p.device)
+    return state
 
 def _galore_update(
     param: Tensor,
