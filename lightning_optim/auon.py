@@ -171,7 +171,7 @@ class AuON(MatrixOptimizer):
                 ns_steps=ns_steps,
                 aspect_scale=aspect_scale,
                 adamw_lr=adamw_lr,
-                adamw_betas=tuple(adamw_betas) if isinstance(adamw_betas, list) else adamw_betas,
+                adamw_betas=adamw_betas,
                 adamw_eps=adamw_eps,
                 adamw_weight_decay=adamw_weight_decay,
                 flatten=flatten,

@@ -275,7 +275,7 @@ class FISMO(MatrixOptimizer):
                 ns_dtype=ns_dtype,
                 adjust_lr=adjust_lr,
                 adamw_lr=adamw_lr,
-                adamw_betas=tuple(adamw_betas) if isinstance(adamw_betas, (list, tuple)) else adamw_betas,
+                adamw_betas=adamw_betas,
                 adamw_eps=adamw_eps,
                 adamw_weight_decay=adamw_weight_decay,
                 flatten=flatten,

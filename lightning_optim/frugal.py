@@ -23,7 +23,7 @@ from lightning_optim.projection import (
     random_orthonormal,
     refresh_projector,
 )
-from lightning_optim.validation import check_betas, check_bool, check_choice, check_int, check_range
+from lightning_optim.validation import check_adam_group, check_bool, check_choice, check_int, check_range
 
 __all__ = ["FRUGAL"]
 
@@ -160,12 +160,7 @@ class FRUGAL(StepCountedOptimizer):
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        check_range("lr", group["lr"], 0.0)
-        if isinstance(group["betas"], list):
-            group["betas"] = tuple(group["betas"])
-        check_betas(group["betas"])
-        check_range("eps", group["eps"], 0.0)
-        check_range("weight_decay", group["weight_decay"], 0.0)
+        check_adam_group(group)
         if group["density"] is not None:
             check_range("density", group["density"], 0.0, 1.0)
         check_int("update_gap", group["update_gap"], 1)

@@ -312,6 +312,13 @@ class MatrixOptimizer(StepCountedOptimizer):
     matrix_spec: ClassVar[StateSpec] = StateSpec()
     adamw_spec: ClassVar[StateSpec] = StateSpec(moments={"exp_avg": True, "exp_avg_sq": False})
 
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        # betas given as lists (Python, or YAML without the type hint) become the tuples the groups keep
+        for key in ("betas", "adamw_betas"):
+            if isinstance(defaults.get(key), list):
+                defaults[key] = tuple(defaults[key])
+        super().__init__(params, defaults)
+
     # -- param groups: the split ----------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; one without ``use_muon`` is split by shape into a matrix and an AdamW group."""

@@ -163,12 +163,6 @@ class _NAMOBase(MatrixOptimizer):
 
     _norm_key = "grad_norm_sq"
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
-        for key in ("betas", "adamw_betas"):
-            if isinstance(defaults[key], list):
-                defaults[key] = tuple(defaults[key])
-        super().__init__(params, defaults)
-
     def _validate_matrix_options(self, group: dict[str, Any]) -> None:
         if group["use_muon"]:
             check_betas(group["betas"], ("momentum", "beta2"))

@@ -241,7 +241,7 @@ class PolarGrad(MatrixOptimizer):
                 inner_steps=inner_steps,
                 ns_coefficients=tuple(ns_coefficients) if isinstance(ns_coefficients, list) else ns_coefficients,
                 adamw_lr=adamw_lr,
-                adamw_betas=tuple(adamw_betas) if isinstance(adamw_betas, list) else adamw_betas,
+                adamw_betas=adamw_betas,
                 adamw_eps=adamw_eps,
                 adamw_weight_decay=adamw_weight_decay,
                 flatten=flatten,

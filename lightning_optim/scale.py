@@ -207,7 +207,7 @@ class SCALE(MatrixOptimizer):
                 last_layer=last_layer,
                 layout=layout,
                 adamw_lr=adamw_lr,
-                adamw_betas=tuple(adamw_betas) if isinstance(adamw_betas, list) else adamw_betas,
+                adamw_betas=adamw_betas,
                 adamw_eps=adamw_eps,
                 adamw_weight_decay=adamw_weight_decay,
                 flatten=flatten,

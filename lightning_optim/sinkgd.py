@@ -138,7 +138,7 @@ class SinkGD(MatrixOptimizer):
                 iterations=iterations,
                 weight_decay=weight_decay,
                 adamw_lr=adamw_lr,
-                adamw_betas=tuple(adamw_betas) if isinstance(adamw_betas, list) else adamw_betas,
+                adamw_betas=adamw_betas,
                 adamw_eps=adamw_eps,
                 adamw_weight_decay=adamw_weight_decay,
                 flatten=flatten,

@@ -15,6 +15,7 @@ from typing import Any
 from torch import Tensor
 
 __all__ = [
+    "check_adam_group",
     "check_betas",
     "check_bool",
     "check_choice",
@@ -110,6 +111,20 @@ def check_betas(betas: Any, names: tuple[str, ...] = ("beta1", "beta2")) -> None
     for name, beta in zip(names, betas):
         value = beta.item() if isinstance(beta, Tensor) and beta.numel() == 1 else beta
         check_range(f"betas ({name})", value, 0.0, 1.0, high_open=True)
+
+
+def check_adam_group(group: dict[str, Any]) -> None:
+    """Validate the Adam options of a param group: ``lr``, ``betas``, ``eps``, ``weight_decay``.
+
+    ``betas`` given as a list (a Python or YAML param group) is stored back as a tuple first, as the
+    constructors store it.
+    """
+    check_range("lr", group["lr"], 0.0)
+    if isinstance(group["betas"], list):
+        group["betas"] = tuple(group["betas"])
+    check_betas(group["betas"])
+    check_range("eps", group["eps"], 0.0)
+    check_range("weight_decay", group["weight_decay"], 0.0)
 
 
 def check_compile(compile: Any) -> None:
